@@ -1,0 +1,42 @@
+"""Exception hierarchy. Only the CLI and the REPL turn these into user messages.
+
+Every message says what went wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class CachedPromptsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class OptionsError(CachedPromptsError):
+    """An option, flag, config key or request parameter is unknown or invalid."""
+
+
+class ModelError(CachedPromptsError):
+    """The model file is missing, unreadable, not GGUF, or failed to load."""
+
+
+class EngineError(CachedPromptsError):
+    """llama.cpp refused an operation (decode, state restore, ...)."""
+
+
+class ContextOverflowError(CachedPromptsError):
+    """A prelude or prompt does not fit into the context."""
+
+
+class InputFileError(CachedPromptsError):
+    """A workspace input file is malformed (bad name, not UTF-8, empty, ...)."""
+
+
+class WorkspaceError(CachedPromptsError):
+    """A workspace folder is missing or cannot be written."""
+
+
+class CacheError(CachedPromptsError):
+    """The prelude cache cannot be read or written."""
+
+
+class ProtocolError(CachedPromptsError):
+    """A JSON-protocol request is malformed."""

@@ -1,0 +1,152 @@
+"""The one options model: it feeds the CLI flags, the workspace config and the REPL's
+`inference_parameters`, so every entry point validates the same way.
+
+Each field carries its CLI flag in `json_schema_extra["flag"]`; `cli.py` builds the
+argparse flags from these models instead of repeating them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import OptionsError
+
+log = logging.getLogger(__name__)
+
+KvType = Literal["f16", "q8_0"]
+
+
+def _flag(flag: str, help_text: str, **extra: Any) -> dict[str, Any]:
+    return {"flag": flag, "help": help_text, **extra}
+
+
+class SamplingOptions(BaseModel):
+    """How answers are sampled; may change per request."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    temperature: float = Field(
+        0.8, ge=0.0, validation_alias=AliasChoices("temperature", "temp"),
+        json_schema_extra=_flag("--lp-temp", "sampling temperature; 0 = greedy"))
+    top_k: int = Field(40, ge=0, json_schema_extra=_flag("--lp-top-k", "top-k; 0 = off"))
+    top_p: float = Field(0.95, gt=0.0, le=1.0, json_schema_extra=_flag("--lp-top-p", "top-p (nucleus)"))
+    min_p: float = Field(0.05, ge=0.0, le=1.0, json_schema_extra=_flag("--lp-min-p", "min-p; 0 = off"))
+    repeat_penalty: float = Field(
+        1.1, gt=0.0, json_schema_extra=_flag("--lp-repeat-penalty", "repetition penalty; 1 = off"))
+    repeat_last_n: int = Field(
+        64, ge=0, json_schema_extra=_flag("--lp-repeat-last-n", "tokens the penalties look back on"))
+    frequency_penalty: float = Field(
+        0.0, json_schema_extra=_flag("--lp-frequency-penalty", "frequency penalty"))
+    presence_penalty: float = Field(
+        0.0, json_schema_extra=_flag("--lp-presence-penalty", "presence penalty"))
+    mirostat_mode: Literal[0, 1, 2] = Field(
+        0, json_schema_extra=_flag("--lp-mirostat-mode", "mirostat: 0 = off, 1 or 2 = version"))
+    mirostat_tau: float = Field(5.0, gt=0.0, json_schema_extra=_flag("--lp-mirostat-tau", "mirostat target entropy"))
+    mirostat_eta: float = Field(0.1, gt=0.0, json_schema_extra=_flag("--lp-mirostat-eta", "mirostat learning rate"))
+    tfs_z: float | None = Field(
+        None, json_schema_extra=_flag("--lp-tfs-z", "accepted for compatibility; llama.cpp removed tail-free sampling"))
+    seed: int = Field(
+        0, ge=0, lt=2**32,
+        json_schema_extra=_flag("--seed", "base seed; output K uses a seed derived from it and K"))
+    max_tokens: int = Field(
+        256, ge=1, json_schema_extra=_flag("--max-tokens", "most tokens per answer"))
+    stop: list[str] = Field(
+        default_factory=list,
+        json_schema_extra=_flag("--stop", "stop string (repeatable); not included in the answer", repeatable=True))
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _single_stop(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("an empty stop string would stop at once; remove it")
+        return value
+
+    @field_validator("tfs_z")
+    @classmethod
+    def _warn_tfs_z(cls, value: float | None) -> float | None:
+        if value is not None and value != 1.0:
+            log.warning("tfs_z=%s is ignored: llama.cpp no longer has tail-free sampling", value)
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 and self.mirostat_mode == 0
+
+    def as_greedy(self) -> "SamplingOptions":
+        return self.model_copy(update={"temperature": 0.0, "mirostat_mode": 0})
+
+
+class EngineOptions(BaseModel):
+    """Which model and how its context is built; fixed for a process."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model_path: str | None = Field(
+        None, json_schema_extra=_flag(
+            "--lp-model-path", "GGUF model file (default: $CACHED_PROMPTS_MODEL, then "
+            "model_path in cached-prompts.toml, then the embedded SmolLM2-135M-Instruct)"))
+    n_ctx: int = Field(4096, ge=16, json_schema_extra=_flag("--lp-n-ctx", "context length in tokens"))
+    n_threads: int | None = Field(
+        None, ge=1, json_schema_extra=_flag("--n_threads", "CPU threads (default: all cores)"))
+    n_batch: int = Field(512, ge=8, json_schema_extra=_flag("--lp-n-batch", "tokens per prefill decode call"))
+    kv_type: KvType = Field(
+        "f16", json_schema_extra=_flag("--kv-type", "KV cache type: f16 or q8_0 (smaller cache files)"))
+
+    @property
+    def threads(self) -> int:
+        return self.n_threads or os.cpu_count() or 1
+
+
+OPTION_MODELS: tuple[type[BaseModel], ...] = (EngineOptions, SamplingOptions)
+
+
+def describe_validation_error(error: ValidationError, where: str) -> str:
+    parts = []
+    for item in error.errors():
+        name = ".".join(str(p) for p in item["loc"]) or "(value)"
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown option '{name}'")
+        else:
+            parts.append(f"'{name}': {item['msg']} (got {item.get('input')!r})")
+    return f"{where}: " + "; ".join(parts)
+
+
+def build_options(model: type[BaseModel], values: dict[str, Any], where: str) -> Any:
+    """Validate `values` into `model`, raising OptionsError that names each bad key."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        raise OptionsError(describe_validation_error(error, where)) from None
+
+
+def split_by_model(values: dict[str, Any], where: str) -> tuple[EngineOptions, SamplingOptions]:
+    """Split one flat mapping (CLI or config) into the two option models."""
+    engine_keys = set(EngineOptions.model_fields)
+    sampling_keys = set(SamplingOptions.model_fields) | {"temp"}
+    unknown = sorted(set(values) - engine_keys - sampling_keys)
+    if unknown:
+        raise OptionsError(f"{where}: unknown option(s) {', '.join(repr(k) for k in unknown)}; "
+                           f"known: {', '.join(sorted(engine_keys | sampling_keys))}")
+    engine = build_options(EngineOptions, {k: v for k, v in values.items() if k in engine_keys}, where)
+    sampling = build_options(SamplingOptions, {k: v for k, v in values.items() if k in sampling_keys}, where)
+    return engine, sampling
+
+
+def derive_seed(base_seed: int, output_index: int) -> int:
+    """Seed of output K: stable, distinct per K, independent of how many outputs are made."""
+    x = (base_seed * 0x9E3779B97F4A7C15 + output_index + 1) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return x & 0xFFFFFFFF
