@@ -188,21 +188,21 @@ class Runner:
         if budget < sampling.max_tokens:
             log.warning("%s: only %d tokens of context left for each answer (--max-tokens %d)",
                         label, budget, sampling.max_tokens)
-        outputs: dict[int, str] = {}
-        for wave_indices in self._plan_waves(seeds, total, budget):
-            wave = Wave([seeds[i] for i in wave_indices], budget)
+        outputs: dict[int | None, str] = {}
+        for wave_seeds in self._plan_waves(seeds, total, budget):
             self._decode_tail(prelude, prompt)
-            texts = generate_wave(self.context, self.model, wave, sampling, prelude + prompt, total,
-                                  on_step=self._counting(on_step))
-            outputs.update(zip(wave_indices, texts))
-        return [outputs[i] for i in range(len(seeds))]
+            texts = generate_wave(self.context, self.model, Wave(wave_seeds, budget), sampling,
+                                  prelude + prompt, total, on_step=self._counting(on_step))
+            outputs.update(zip(wave_seeds, texts))
+        return [outputs[seed] for seed in seeds]
 
-    def _plan_waves(self, seeds: list[int | None], used: int, budget: int) -> list[list[int]]:
-        """Greedy outputs alone; sampled ones in groups that fit the sequences and the KV cells."""
+    def _plan_waves(self, seeds: list[int | None], used: int, budget: int) -> list[list[int | None]]:
+        """One greedy output, decoded alone; the distinct sampled ones in groups that fit the
+        sequences and the free KV cells."""
         fit = max(1, min(self.n_parallel, (self.n_ctx - used) // max(budget, 1)))
-        greedy = [[i] for i, seed in enumerate(seeds) if seed is None]
-        sampled = [i for i, seed in enumerate(seeds) if seed is not None]
-        return greedy + [sampled[i:i + fit] for i in range(0, len(sampled), fit)]
+        greedy: list[list[int | None]] = [[None]] if None in seeds else []
+        sampled = list(dict.fromkeys(seed for seed in seeds if seed is not None))
+        return greedy + [list(sampled[i:i + fit]) for i in range(0, len(sampled), fit)]
 
     def _decode_tail(self, prelude: list[int], prompt: list[int]) -> None:
         body = len(prelude) - 1

@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""Run the cached-prompts CLI from a checkout: `./main.py outputs-test-prompts`.
+
+Uses the project's .venv (made by `make setup`) when the current Python lacks the
+dependencies, so the script works without activating anything.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "src"))
+
+try:
+    import llama_cpp  # noqa: F401
+except ImportError:
+    venv_python = HERE / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
+        os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
+    sys.exit("error: llama-cpp-python is not installed; run `make setup` in " + str(HERE))
+
+from cached_prompts.cli import main  # noqa: E402
+
+sys.exit(main())

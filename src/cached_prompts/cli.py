@@ -1,0 +1,236 @@
+"""Command-line interface: parse, call the library, render. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+
+from . import commands
+from .errors import CachedPromptsError, OptionsError
+from .options import OPTION_MODELS, EngineOptions, SamplingOptions, split_by_model
+from .runner import Runner
+from .workspace import Workspace
+
+log = logging.getLogger("cached_prompts")
+
+DESCRIPTION = """\
+A workbench for prompts run through llama.cpp. Each prelude's model state is computed once,
+kept in llm_cache/, and every later request starts from it. Work happens in a workspace
+folder (--root, default: the current folder) with prelude_drafts/, preludes/, test_prompts/."""
+
+COMMANDS = {
+    "precache-preludes": "compute and store the state of every prelude in preludes/",
+    "outputs-for-drafts": "write N sampled answers per draft to prelude_drafts_outputs/",
+    "outputs-test-prompts": "write answers per test prompt to test_prompts_outputs/",
+    "show-stats-on-tokens-number": "show how many tokens every file and combination takes",
+    "stdio-json-repl": "serve JSON requests on stdin, one response line per request on stdout",
+}
+
+
+# ----- parser ---------------------------------------------------------------------------------
+
+
+def _arg_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None]:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        values = get_args(annotation)
+        return type(values[0]), values
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return _arg_type(inner[0])
+    if origin is list:
+        return str, None
+    return annotation, None
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    for name, info in model.model_fields.items():
+        extra = info.json_schema_extra or {}
+        arg_type, choices = _arg_type(info.annotation)
+        default = info.get_default(call_default_factory=True)
+        help_text = f"{extra['help']} (default: {default})" if default not in (None, []) else extra["help"]
+        kwargs: dict[str, Any] = {"dest": name, "type": arg_type, "help": help_text,
+                                  "default": argparse.SUPPRESS, "metavar": name.upper()}
+        if choices:
+            kwargs["choices"] = choices
+        if extra.get("repeatable"):
+            kwargs["action"] = "append"
+        parser.add_argument(extra["flag"], **kwargs)
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("global options")
+    group.add_argument("--root", type=Path, default=argparse.SUPPRESS,
+                       help="workspace folder (default: the current folder)")
+    group.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="print only warnings and errors on stderr")
+    group.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug output, including llama.cpp's own log")
+    group.add_argument("--full-help", action="store_true", default=argparse.SUPPRESS,
+                       help="show this help and every command's help")
+    model_group = common.add_argument_group("model and context")
+    _add_option_flags(model_group, EngineOptions)
+    sampling_group = common.add_argument_group("sampling (the REPL's inference_parameters use the same names)")
+    _add_option_flags(sampling_group, SamplingOptions)
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_parser()
+    parser = argparse.ArgumentParser(prog="cached-prompts", description=DESCRIPTION, parents=[common],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        if name in ("outputs-for-drafts", "outputs-test-prompts"):
+            command.add_argument("-n", type=int, default=5, metavar="N",
+                                 help="sampled answers per input (default: 5)")
+            command.add_argument("-f", "--force-outputs", action="store_true",
+                                 help="regenerate outputs even if they are up to date")
+        if name == "outputs-test-prompts":
+            command.add_argument("-d", "--deterministic", action="store_true",
+                                 help="one greedy (temperature 0) answer per prompt instead")
+        if name == "show-stats-on-tokens-number":
+            command.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    return parser
+
+
+def full_help(parser: argparse.ArgumentParser) -> str:
+    parts = [parser.format_help()]
+    for action in parser._subparsers._group_actions if parser._subparsers else []:
+        for name, command in action.choices.items():
+            parts.append(f"\n{'=' * 20} {name} {'=' * 20}\n{command.format_help()}")
+    return "".join(parts)
+
+
+# ----- setup ---------------------------------------------------------------------------------
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {text}"
+        return text
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+OPTION_NAMES = {name for model in OPTION_MODELS for name in model.model_fields}
+
+
+def resolve_options(args: argparse.Namespace, workspace: Workspace) -> tuple[EngineOptions, SamplingOptions]:
+    """Defaults < cached-prompts.toml < command-line flags."""
+    values = workspace.load_config()
+    given = {k: v for k, v in vars(args).items() if k in OPTION_NAMES}
+    values.update(given)
+    return split_by_model(values, "options (command-line flags or cached-prompts.toml)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "full_help", False):
+        print(full_help(parser))
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    try:
+        return run_command(args)
+    except CachedPromptsError as error:
+        log.error("%s", error)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; finished outputs are kept, the rest will be made on the next run")
+        return 130
+
+
+def run_command(args: argparse.Namespace) -> int:
+    workspace = Workspace(Path(getattr(args, "root", Path.cwd())).resolve())
+    workspace.check_exists()
+    engine_options, sampling = resolve_options(args, workspace)
+    if args.command == "stdio-json-repl":
+        from .repl import serve
+
+        return serve(engine_options, sampling, workspace, verbose=getattr(args, "verbose", False))
+    runner = Runner(engine_options, workspace.cache_dir, verbose=getattr(args, "verbose", False))
+    try:
+        return _dispatch(args, workspace, runner, sampling)
+    finally:
+        runner.close()
+
+
+def _dispatch(args: argparse.Namespace, workspace: Workspace, runner: Runner, sampling: SamplingOptions) -> int:
+    if args.command == "show-stats-on-tokens-number":
+        stats = commands.token_stats(workspace, runner)
+        print(render_stats_json(stats) if args.json else render_stats(stats))
+        return 0
+    if args.command == "precache-preludes":
+        report = commands.precache_preludes(workspace, runner)
+        log.info("preludes: %d computed, %d already cached, %d skipped",
+                 len(report.written), len(report.up_to_date), len(report.skipped))
+    else:
+        if args.n < 1:
+            raise OptionsError(f"-n {args.n}: the number of answers must be at least 1")
+        if args.command == "outputs-for-drafts":
+            report = commands.outputs_for_drafts(workspace, runner, sampling, args.n, args.force_outputs)
+        else:
+            report = commands.outputs_test_prompts(workspace, runner, sampling, args.n,
+                                                   args.deterministic, args.force_outputs)
+        log.info("outputs: %d written; inputs: %d up to date, %d skipped",
+                 len(report.written), len(report.up_to_date), len(report.skipped))
+    return 1 if report.skipped else 0
+
+
+# ----- rendering ------------------------------------------------------------------------------
+
+
+def render_stats(stats: commands.TokenStats) -> str:
+    lines = [f"Context length: {stats.context_length}"]
+    for folder, files in stats.folders.items():
+        lines.append(f"\n{folder}/")
+        for item in files:
+            if item.tokens is None:
+                lines.append(f"  {item.name}: unreadable ({item.problem})")
+                continue
+            lines.append(f"  {item.name}: {item.tokens}")
+            if item.problem:
+                lines.append(f"    ! {item.problem}")
+            base = item.with_prelude
+            if item.prelude:
+                lines.append(f"    - with its prelude \"{item.prelude[0]}\": "
+                             f"{item.prelude[1]} + {item.tokens} = {base}{_over(base, stats)}")
+            for name, count in item.outputs:
+                total = count + base
+                lines.append(f"    * with its output \"{name}\": {count} + {base} = {total}{_over(total, stats)}")
+    return "\n".join(lines)
+
+
+def _over(total: int, stats: commands.TokenStats) -> str:
+    return f"  (over the context by {total - stats.context_length})" if total > stats.context_length else ""
+
+
+def render_stats_json(stats: commands.TokenStats) -> str:
+    from dataclasses import asdict
+
+    return json.dumps(asdict(stats), ensure_ascii=False, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
