@@ -1,0 +1,97 @@
+"""Shared fixtures: the real engine on the real tiny model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cached_prompts.model_locator import default_model_path
+from cached_prompts.options import EngineOptions, SamplingOptions
+from cached_prompts.runner import Runner
+
+CHATML_SYSTEM = ("<|im_start|>system\nYou are a concise dictionary. For each word, reply with one "
+                 "sentence that defines it.<|im_end|>\n<|im_start|>user\n")
+PRELUDE = (CHATML_SYSTEM + "apple<|im_end|>\n<|im_start|>assistant\nA round fruit with crisp white "
+           "flesh.<|im_end|>\n<|im_start|>user\n")
+
+
+def prompt_for(word: str) -> str:
+    return f"{word}<|im_end|>\n<|im_start|>assistant\n"
+
+
+GREEDY = SamplingOptions(temperature=0.0, max_tokens=6)
+SAMPLED = SamplingOptions(max_tokens=6)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def small_options() -> EngineOptions:
+    return EngineOptions(n_ctx=1024, n_batch=256)
+
+
+@pytest.fixture
+def make_runner(small_options: EngineOptions) -> Iterator[Callable[..., Runner]]:
+    """Runners closed at the end of the test; `make_runner(cache_dir)` or `make_runner(None)`."""
+    made: list[Runner] = []
+
+    def make(cache_dir: Path | None, **options: object) -> Runner:
+        runner = Runner(small_options.model_copy(update=options), cache_dir, n_parallel=8)
+        made.append(runner)
+        return runner
+
+    yield make
+    for runner in made:
+        runner.close()
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A small workspace: one draft, two preludes (one extends the other), three prompts."""
+    root = tmp_path / "ws"
+    write(root / "prelude_drafts" / "dictionary.txt", CHATML_SYSTEM + "apple<|im_end|>\n<|im_start|>assistant\n")
+    write(root / "preludes" / "dictionary.txt", PRELUDE)
+    write(root / "preludes" / "dictionary-long.txt",
+          PRELUDE + "bicycle<|im_end|>\n<|im_start|>assistant\nA vehicle with two wheels.<|im_end|>\n"
+          "<|im_start|>user\n")
+    write(root / "test_prompts" / "dictionary---river.txt", prompt_for("river"))
+    write(root / "test_prompts" / "dictionary---library.txt", prompt_for("library"))
+    write(root / "test_prompts" / "dictionary-long---umbrella.txt", prompt_for("umbrella"))
+    return root
+
+
+def age(path: Path, seconds: float = 100.0) -> None:
+    """Make a file look older, so freshness checks do not depend on timestamp resolution."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns - int(seconds * 1e9)))
+
+
+def age_tree(root: Path, seconds: float = 100.0) -> None:
+    for path in root.rglob("*.txt"):
+        age(path, seconds)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run the CLI in-process on a workspace: `cli(root, "outputs-test-prompts", "-n", "2")`."""
+    from cached_prompts.cli import main
+
+    def run(root: Path, *args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(["--root", str(root), "--lp-n-ctx", "1024", "--lp-n-batch", "256", *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
