@@ -12,7 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from . import commands
+from . import cache_admin, commands
 from .errors import CachedPromptsError, OptionsError
 from .options import OPTION_MODELS, EngineOptions, SamplingOptions, split_by_model
 from .runner import Runner
@@ -100,7 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="one greedy (temperature 0) answer per prompt instead")
         if name == "show-stats-on-tokens-number":
             command.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    _add_cache_command(sub, common)
     return parser
+
+
+def _add_cache_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    help_text = "manage the prelude cache in llm_cache/ (list, size, prune, clear)"
+    cache = sub.add_parser("cache", help=help_text, description=help_text, parents=[common])
+    actions = cache.add_subparsers(dest="cache_action", metavar="ACTION", required=True)
+    for name, action_help in cache_admin.ACTIONS.items():
+        action = actions.add_parser(name, help=action_help, description=action_help, parents=[common])
+        action.add_argument("--json", action="store_true", help="print the result as JSON")
+        if name == "prune":
+            action.add_argument("--max-size", metavar="SIZE", default=None,
+                                help="size to prune to, e.g. 500M or 2G (default: --cache-max-size)")
 
 
 def full_help(parser: argparse.ArgumentParser) -> str:
@@ -165,6 +178,10 @@ def run_command(args: argparse.Namespace) -> int:
     workspace = Workspace(Path(getattr(args, "root", Path.cwd())).resolve())
     workspace.check_exists()
     engine_options, sampling = resolve_options(args, workspace)
+    if args.command == "cache":
+        print(cache_admin.run(args.cache_action, workspace.cache_dir, engine_options,
+                              max_size=getattr(args, "max_size", None), as_json=args.json))
+        return 0
     if args.command == "stdio-json-repl":
         from .repl import serve
 

@@ -126,6 +126,7 @@ class Context:
         capacity = max(options.n_batch, n_seq_max)
         self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         self._batch_capacity = capacity
+        self._ones = (ctypes.c_int32 * capacity)(*([1] * capacity))
 
     @property
     def handle(self) -> llama_cpp.llama_context_p:
@@ -142,9 +143,10 @@ class Context:
     def seq_remove(self, seq: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
-    def seq_copy(self, source: int, target: int) -> None:
-        """Share all of `source`'s KV cells with `target` (no data is copied)."""
-        llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+    def seq_copy(self, source: int, target: int, end: int = -1) -> None:
+        """Share `source`'s KV cells of positions < end (all with -1) with `target`;
+        no data is copied."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0 if end >= 0 else -1, end)
 
     def decode_sequence(self, tokens: Sequence[int], start: int, seq: int = 0) -> None:
         """Decode one sequence's tokens in one call; logits are kept for the last one."""
@@ -164,13 +166,18 @@ class Context:
     def decode_step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int]) -> None:
         """Decode one new token for each of several sequences; logits for all of them."""
         batch = self._batch
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = positions[i]
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seqs[i]
-            batch.logits[i] = True
-        batch.n_tokens = len(tokens)
+        count = len(tokens)
+        if count > self._batch_capacity:
+            raise EngineError(f"{count} sequences exceed the batch size {self._batch_capacity}")
+        # Whole-array copies: this runs once per generated token of every sequence.
+        ctypes.memmove(batch.token, (ctypes.c_int32 * count)(*tokens), 4 * count)
+        ctypes.memmove(batch.pos, (ctypes.c_int32 * count)(*positions), 4 * count)
+        ctypes.memmove(batch.n_seq_id, self._ones, 4 * count)
+        ctypes.memset(batch.logits, 1, count)
+        seq_id = batch.seq_id
+        for i, seq in enumerate(seqs):
+            seq_id[i][0] = seq
+        batch.n_tokens = count
         self._decode()
 
     def _decode(self) -> None:

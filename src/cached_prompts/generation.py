@@ -1,9 +1,12 @@
-"""The decode loop: several sequences sampled together from one shared prefix.
+"""The decode loop: several sequences sampled together from shared prefixes.
 
-Sequence 0 of the context holds the prefix and the last decode left the logits of its
-final token at row -1. Each wanted output gets its own sequence (KV cells shared with
-`llama_memory_seq_cp`, not copied), its own sampler chain and seed; all active sequences
-advance by one token per `llama_decode` call, and finished ones drop out of the batch.
+Sequence 0 of the context holds the prelude. A wave is one or more branches, one per prompt:
+the branch's prompt is decoded into its first sequence (built on sequence 0's prelude),
+its outputs share that KV through `llama_memory_seq_cp` (cells shared, not copied), and each
+output has its own sequence, sampler chain and seed. The first token of a branch's outputs
+is sampled right after its prompt is decoded (the next decode overwrites those logits);
+then all outputs of all branches advance by one token per `llama_decode` call, and finished
+ones drop out of the batch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from .engine import Context, Model, SamplerChain
 from .options import SamplingOptions
 
 StepCallback = Callable[[int], None]
+TailDecoder = Callable[[int, int], None]  # (branch index, sequence) -> decode that branch's prompt
 
 
 class TextCollector:
@@ -36,6 +40,8 @@ class TextCollector:
             return False
         search_from = max(0, len(self.text) - self._longest_stop + 1)
         self.text += new
+        if not self._stops:
+            return False
         hits = [i for i in (self.text.find(s, search_from) for s in self._stops) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
@@ -51,42 +57,99 @@ class Wave:
     budget: int  # most tokens per output
 
 
+@dataclass
+class Branch:
+    """The outputs of one prompt within a wave."""
+
+    seeds: list[int | None]
+    budget: int  # most tokens per output
+    history: Sequence[int]  # prelude + prompt tokens, for the penalties
+    position: int  # position of the first generated token
+
+
+class _Output:
+    """One sequence being generated; `token` is the last sampled one, decoded next."""
+
+    __slots__ = ("seq", "chain", "collector", "position", "left", "token")
+
+    def __init__(self, seq: int, chain: SamplerChain, collector: TextCollector, position: int,
+                 budget: int) -> None:
+        self.seq, self.chain, self.collector = seq, chain, collector
+        self.position, self.left, self.token = position, budget, -1
+
+    def take(self, token: int, model: Model) -> bool:
+        """Record a sampled token; True if it is part of the text (then `left` says
+        whether it is to be decoded for another one)."""
+        if model.is_end(token) or self.collector.add(model.piece(token)):
+            self.left = 0
+            return False
+        self.left -= 1
+        self.token = token
+        return True
+
+
+def generate_branches(context: Context, model: Model, branches: Sequence[Branch], sampling: SamplingOptions,
+                      decode_tail: TailDecoder, on_step: StepCallback | None = None) -> list[list[str]]:
+    """Texts per branch, per seed. Sequences are numbered from 0 in branch order;
+    `decode_tail(b, seq)` must leave branch b's prompt in `seq` and its logits at row -1."""
+    outputs: list[_Output] = []
+    live: list[_Output] = []
+    try:
+        for index, branch in enumerate(branches):
+            first = len(outputs)
+            decode_tail(index, first)
+            live += _start_branch(context, model, branch, sampling, first, outputs, on_step)
+        _decode_loop(context, model, live, on_step)
+    finally:
+        for output in outputs:
+            output.chain.close()
+    texts = iter([o.collector.text for o in outputs])
+    return [[next(texts) for _ in branch.seeds] for branch in branches]
+
+
+def _start_branch(context: Context, model: Model, branch: Branch, sampling: SamplingOptions, first: int,
+                  outputs: list[_Output], on_step: StepCallback | None) -> list[_Output]:
+    """Create the branch's outputs and sample their first tokens; returns those that go on."""
+    recent = list(branch.history[-sampling.repeat_last_n:]) if sampling.repeat_last_n else []
+    going = []
+    taken = 0
+    for k, seed in enumerate(branch.seeds):
+        seq = first + k
+        if k:
+            context.seq_copy(first, seq)
+        chain = SamplerChain(model, sampling if seed is not None else sampling.as_greedy(), seed or 0)
+        output = _Output(seq, chain, TextCollector(sampling.stop), branch.position, branch.budget)
+        outputs.append(output)
+        chain.remember(recent)
+        if output.take(chain.sample(context, -1), model):
+            taken += 1
+            if output.left:
+                going.append(output)
+    if on_step is not None:
+        on_step(taken)
+    return going
+
+
+def _decode_loop(context: Context, model: Model, live: list[_Output], on_step: StepCallback | None) -> None:
+    while live:
+        context.decode_step([o.token for o in live], [o.position for o in live], [o.seq for o in live])
+        going = []
+        taken = 0
+        for row, output in enumerate(live):
+            output.position += 1
+            if output.take(output.chain.sample(context, row), model):
+                taken += 1
+                if output.left:
+                    going.append(output)
+        if on_step is not None:
+            on_step(taken)
+        live = going
+
+
 def generate_wave(context: Context, model: Model, wave: Wave, sampling: SamplingOptions,
                   history: Sequence[int], first_position: int,
                   on_step: StepCallback | None = None) -> list[str]:
-    """Sample `len(wave.seeds)` outputs as sequences 0..n-1 from the prefix in sequence 0."""
-    count = len(wave.seeds)
-    for seq in range(1, count):
-        context.seq_copy(0, seq)
-    recent = list(history[-sampling.repeat_last_n:]) if sampling.repeat_last_n else []
-    samplers = []
-    for seed in wave.seeds:
-        chain = SamplerChain(model, sampling if seed is not None else sampling.as_greedy(), seed or 0)
-        chain.remember(recent)
-        samplers.append(chain)
-    collectors = [TextCollector(sampling.stop) for _ in range(count)]
-    rows = [-1] * count
-    active = list(range(count))
-    try:
-        for step in range(wave.budget):
-            tokens: list[int] = []
-            seqs: list[int] = []
-            for seq in active:
-                token = samplers[seq].sample(context, rows[seq])
-                if model.is_end(token) or collectors[seq].add(model.piece(token)):
-                    continue
-                tokens.append(token)
-                seqs.append(seq)
-            active = seqs
-            if on_step is not None:
-                on_step(len(tokens))
-            if not active or step == wave.budget - 1:
-                break
-            context.decode_step(tokens, [first_position + step] * len(tokens), seqs)
-            rows = [0] * count
-            for row, seq in enumerate(seqs):
-                rows[seq] = row
-    finally:
-        for chain in samplers:
-            chain.close()
-    return [c.text for c in collectors]
+    """Sample `len(wave.seeds)` outputs as sequences 0..n-1 from the prefix in sequence 0
+    (whose last decode left its logits at row -1)."""
+    branch = Branch(wave.seeds, wave.budget, history, first_position)
+    return generate_branches(context, model, [branch], sampling, lambda index, seq: None, on_step)[0]

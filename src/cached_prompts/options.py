@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +19,18 @@ from .errors import OptionsError
 log = logging.getLogger(__name__)
 
 KvType = Literal["f16", "q8_0"]
+DEFAULT_CACHE_MAX_SIZE = "4G"
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size like `4096`, `500M`, `2G`, `1.5GiB` (K, M, G, T are powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size; write bytes or a number with K, M, G or T "
+                         "(powers of 1024), e.g. 500M or 2G")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
 def _flag(flag: str, help_text: str, **extra: Any) -> dict[str, Any]:
@@ -100,6 +113,24 @@ class EngineOptions(BaseModel):
     n_batch: int = Field(512, ge=8, json_schema_extra=_flag("--lp-n-batch", "tokens per prefill decode call"))
     kv_type: KvType = Field(
         "f16", json_schema_extra=_flag("--kv-type", "KV cache type: f16 or q8_0 (smaller cache files)"))
+    cache_max_size: str = Field(
+        DEFAULT_CACHE_MAX_SIZE, json_schema_extra=_flag(
+            "--cache-max-size", "largest total size of llm_cache/, in bytes or with K, M, G, T "
+            "(500M, 2G); least recently used entries are evicted beyond it"))
+
+    @field_validator("cache_max_size", mode="before")
+    @classmethod
+    def _check_size(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError("a size like 500M or 2G (or a number of bytes)")
+        parse_size(value)
+        return value.strip()
+
+    @property
+    def cache_max_bytes(self) -> int:
+        return parse_size(self.cache_max_size)
 
     @property
     def threads(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import llama_cpp
 from .cache import CacheStore, Entry, StateSettings
 from .engine import Context, Model, init_backend
 from .errors import ContextOverflowError, EngineError, InputFileError
-from .generation import StepCallback, Wave, generate_wave
+from .generation import Branch, StepCallback, generate_branches
 from .model_locator import fingerprint_model, resolve_model_path
 from .options import EngineOptions, SamplingOptions
 
@@ -69,7 +70,8 @@ class Runner:
         fingerprint = fingerprint_model(model_path, cache_dir)
         self.settings = StateSettings(model_sha256=fingerprint.sha256, kv_type=options.kv_type,
                                       llama_cpp_version=llama_cpp.__version__)
-        self.cache = CacheStore(cache_dir, self.settings, str(model_path)) if cache_dir else None
+        self.cache = (CacheStore(cache_dir, self.settings, str(model_path), max_bytes=options.cache_max_bytes)
+                      if cache_dir else None)
         self.counters = Counters()
         self._loaded: list[int] | None = None  # prelude tokens whose state seq 0 holds
 
@@ -110,9 +112,18 @@ class Runner:
             return self._note(PreludeLoad("memory", body, 0))
         self._loaded = None
         self.context.clear()
-        load = self._restore_cached(tokens) or self._compute(tokens, label, kind, store, on_prefill)
+        load = self._restore_cached(tokens)
+        if load is None:
+            # Check again under the entry's lock: another process may have just stored it.
+            with self.cache.entry_lock(tokens, label) if self.cache is not None and store else nullcontext():
+                load = self._restore_cached(tokens) or self._compute(tokens, label, kind, store, on_prefill)
         self._loaded = list(tokens)
         return self._note(load)
+
+    def unload(self) -> None:
+        """Forget the prelude held in memory: the next load restores or computes it."""
+        self._loaded = None
+        self.context.clear()
 
     def _reset_to_prelude(self, body: int) -> None:
         for seq in range(1, self.n_parallel):
@@ -177,40 +188,88 @@ class Runner:
                  on_prefill: ProgressCallback | None = None,
                  on_step: StepCallback | None = None) -> list[str]:
         """One output per seed (None = greedy), in the order of `seeds`."""
+        return self.generate_many(prelude, [prompt], sampling, [seeds], label=label, kind=kind,
+                                  store=store, on_prefill=on_prefill, on_step=on_step)[0]
+
+    def generate_many(self, prelude: list[int], prompts: list[list[int]], sampling: SamplingOptions,
+                      seeds: list[list[int | None]], *, label: str, kind: str = "prelude",
+                      store: bool = True, on_prefill: ProgressCallback | None = None,
+                      on_step: StepCallback | None = None) -> list[list[str]]:
+        """Outputs of several prompts of one prelude: for prompt i one output per seeds[i]
+        (None = greedy). Greedy outputs are decoded alone; the sampled outputs of all prompts
+        are decoded together, in waves that fit the sequences and the free KV cells."""
+        if len(seeds) != len(prompts):
+            raise EngineError(f"{len(prompts)} prompts but {len(seeds)} seed lists; report this bug")
+        for prompt in prompts:
+            self.check_fits(prelude, prompt)
+        self.load_prelude(prelude, label, kind=kind, store=store, on_prefill=on_prefill)
+        budgets = [self._budget(prelude, prompt, sampling, label) for prompt in prompts]
+        outputs: list[dict[int | None, str]] = [{} for _ in prompts]
+        for index, prompt in enumerate(prompts):
+            self.counters.prompt_tokens += len(prompt)
+            if None in seeds[index]:
+                outputs[index][None] = self._run_wave(prelude, prompts, [(index, [None])], budgets,
+                                                      sampling, on_step)[0][0]
+        for wave in self._plan_waves(prelude, prompts, seeds, budgets):
+            texts = self._run_wave(prelude, prompts, wave, budgets, sampling, on_step)
+            for (index, wave_seeds), branch_texts in zip(wave, texts):
+                outputs[index].update(zip(wave_seeds, branch_texts))
+        return [[outputs[i][seed] for seed in seeds[i]] for i in range(len(prompts))]
+
+    def check_fits(self, prelude: list[int], prompt: list[int]) -> None:
         total = len(prelude) + len(prompt)
         if total >= self.n_ctx:
             raise ContextOverflowError(
                 f"prelude + prompt take {len(prelude)} + {len(prompt)} = {total} tokens, the context "
                 f"only {self.n_ctx}; shorten them or raise --lp-n-ctx")
-        self.load_prelude(prelude, label, kind=kind, store=store, on_prefill=on_prefill)
-        self.counters.prompt_tokens += len(prompt)
-        budget = min(sampling.max_tokens, self.n_ctx - total)
+
+    def _budget(self, prelude: list[int], prompt: list[int], sampling: SamplingOptions, label: str) -> int:
+        budget = min(sampling.max_tokens, self.n_ctx - len(prelude) - len(prompt))
         if budget < sampling.max_tokens:
             log.warning("%s: only %d tokens of context left for each answer (--max-tokens %d)",
                         label, budget, sampling.max_tokens)
-        outputs: dict[int | None, str] = {}
-        for wave_seeds in self._plan_waves(seeds, total, budget):
-            self._decode_tail(prelude, prompt)
-            texts = generate_wave(self.context, self.model, Wave(wave_seeds, budget), sampling,
-                                  prelude + prompt, total, on_step=self._counting(on_step))
-            outputs.update(zip(wave_seeds, texts))
-        return [outputs[seed] for seed in seeds]
+        return budget
 
-    def _plan_waves(self, seeds: list[int | None], used: int, budget: int) -> list[list[int | None]]:
-        """One greedy output, decoded alone; the distinct sampled ones in groups that fit the
-        sequences and the free KV cells."""
-        fit = max(1, min(self.n_parallel, (self.n_ctx - used) // max(budget, 1)))
-        greedy: list[list[int | None]] = [[None]] if None in seeds else []
-        sampled = list(dict.fromkeys(seed for seed in seeds if seed is not None))
-        return greedy + [list(sampled[i:i + fit]) for i in range(0, len(sampled), fit)]
+    def _plan_waves(self, prelude: list[int], prompts: list[list[int]], seeds: list[list[int | None]],
+                    budgets: list[int]) -> list[list[tuple[int, list[int | None]]]]:
+        """The distinct sampled seeds of every prompt, packed in prompt order into waves that
+        fit `n_parallel` sequences and the context's KV cells (the prelude's are shared)."""
+        waves: list[list[tuple[int, list[int | None]]]] = []
+        free_cells = self.n_ctx - len(prelude)
+        seqs_left = cells_left = 0
+        for index, prompt in enumerate(prompts):
+            pending = list(dict.fromkeys(seed for seed in seeds[index] if seed is not None))
+            tail_cells = len(prompt) + 1
+            while pending:
+                fit = min(seqs_left, (cells_left - tail_cells) // budgets[index])
+                if fit < 1:
+                    waves.append([])
+                    seqs_left, cells_left = self.n_parallel, free_cells
+                    fit = max(1, min(seqs_left, (cells_left - tail_cells) // budgets[index]))
+                chunk, pending = pending[:fit], pending[fit:]
+                waves[-1].append((index, chunk))
+                seqs_left -= len(chunk)
+                cells_left -= tail_cells + len(chunk) * budgets[index]
+        return waves
 
-    def _decode_tail(self, prelude: list[int], prompt: list[int]) -> None:
+    def _run_wave(self, prelude: list[int], prompts: list[list[int]], wave: list[tuple[int, list[int | None]]],
+                  budgets: list[int], sampling: SamplingOptions,
+                  on_step: StepCallback | None) -> list[list[str]]:
         body = len(prelude) - 1
         self._reset_to_prelude(body)
-        tail = prelude[body:] + prompt
-        step = self.options.n_batch
-        for chunk_start in range(0, len(tail), step):
-            self.context.decode_sequence(tail[chunk_start:chunk_start + step], body + chunk_start)
+        branches = [Branch(wave_seeds, budgets[index], prelude + prompts[index], len(prelude) + len(prompts[index]))
+                    for index, wave_seeds in wave]
+
+        def decode_tail(branch: int, seq: int) -> None:
+            if seq:
+                self.context.seq_copy(0, seq, body)
+            tail = prelude[body:] + prompts[wave[branch][0]]
+            step = self.options.n_batch
+            for chunk_start in range(0, len(tail), step):
+                self.context.decode_sequence(tail[chunk_start:chunk_start + step], body + chunk_start, seq)
+
+        return generate_branches(self.context, self.model, branches, sampling, decode_tail,
+                                 on_step=self._counting(on_step))
 
     def _counting(self, on_step: StepCallback | None) -> StepCallback:
         def count(n: int) -> None:

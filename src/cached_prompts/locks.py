@@ -1,0 +1,90 @@
+"""Advisory file locks between processes sharing a cache folder (`fcntl.flock`).
+
+The kernel drops a flock when its holder dies, so a killed process never leaves a lock
+that blocks anyone. A lock file may be removed by its holder; whoever then gets the lock
+on the removed file notices that the path no longer names it and tries again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import CacheError
+
+try:
+    import fcntl
+except ImportError:  # Windows: out of scope, but say so clearly
+    fcntl = None  # type: ignore[assignment]
+
+
+def _require_fcntl() -> None:
+    if fcntl is None:
+        raise CacheError("the prelude cache needs POSIX file locking (fcntl), which this platform "
+                         "lacks; run cached-prompts on Linux or macOS (or under WSL)")
+
+
+def lock_fd(fd: int, *, blocking: bool = True) -> bool:
+    """Lock an open file exclusively; False if `blocking` is off and someone else holds it."""
+    _require_fcntl()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def names_same_file(path: Path, fd: int) -> bool:
+    """Whether `path` still names the open file `fd` (it may have been removed or replaced)."""
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (on_disk.st_ino, on_disk.st_dev) == (opened.st_ino, opened.st_dev)
+
+
+def acquire(path: Path, *, blocking: bool = True) -> int | None:
+    """An open, exclusively locked descriptor of the lock file `path` (created if needed),
+    or None if `blocking` is off and the lock is held elsewhere."""
+    _require_fcntl()
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise CacheError(f"cannot create the lock file {path}: {error.strerror or error}; "
+                             "make the cache folder writable") from None
+        try:
+            if not lock_fd(fd, blocking=blocking):
+                os.close(fd)
+                return None
+            if names_same_file(path, fd):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # its holder removed the file while we waited; lock the new one
+
+
+def release(fd: int, path: Path | None = None) -> None:
+    """Unlock; with `path`, remove the lock file first (only its holder may do that)."""
+    if path is not None:
+        try:
+            path.unlink()
+        except OSError:
+            pass  # a leftover empty lock file is harmless
+    os.close(fd)
+
+
+@contextmanager
+def held(path: Path, *, blocking: bool = True, remove: bool = False) -> Iterator[bool]:
+    """Hold the lock `path` inside the block; yields False (and holds nothing) if
+    `blocking` is off and it is taken. `remove` deletes the lock file on release."""
+    fd = acquire(path, blocking=blocking)
+    try:
+        yield fd is not None
+    finally:
+        if fd is not None:
+            release(fd, path if remove else None)

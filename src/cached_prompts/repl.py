@@ -1,0 +1,271 @@
+"""`stdio-json-repl`: serve requests on stdin, one response line per request line on stdout.
+
+`Session.handle_request` turns one line into one response dict and never raises (except on
+KeyboardInterrupt); `serve` is only the loop around it. The wire format and argument
+validation live in protocol.py.
+
+External preludes (those a client sends with a `prelude_id`) are cache entries of kind
+"external" labelled with the id. The runner finds a cached state by its tokens, whatever
+the label; the session additionally makes sure every id has its own entry, so that
+`list_preludes` shows it and a new text for an id replaces that id's old entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from importlib import metadata
+from typing import Any, BinaryIO
+
+import llama_cpp
+
+from . import protocol
+from .cache import meta_file
+from .commands import seeds_for
+from .errors import CacheError, CachedPromptsError, ProtocolError
+from .options import EngineOptions, SamplingOptions
+from .protocol import MAX_LINE_BYTES, NO_ID
+from .runner import PreludeLoad, Runner
+from .workspace import DETERMINISTIC, Workspace
+
+log = logging.getLogger(__name__)
+
+EXTERNAL = "external"
+SKIP_CHUNK = 1 << 16
+
+
+class Session:
+    """The state of one REPL: a runner (model, context, cache) and the default sampling."""
+
+    def __init__(self, runner: Runner, defaults: SamplingOptions) -> None:
+        if runner.cache is None:
+            raise CacheError("the JSON service needs a cache folder; create the runner with one")
+        self.runner = runner
+        self.cache = runner.cache
+        self.defaults = defaults
+        self.finished = False
+        self.last_source = ""  # where the last request's prelude state came from (for tests)
+        self._registered: dict[str, tuple[list[int], str]] = {}  # id -> (tokens, entry name)
+        self._commands: dict[str, tuple[type[protocol.Arguments], Callable[[Any], Any]]] = {
+            "single_prompt": (protocol.SinglePromptArguments, self._single_prompt),
+            "count_tokens": (protocol.CountTokensArguments, self._count_tokens),
+            "precache": (protocol.PrecacheArguments, self._precache),
+            "list_preludes": (protocol.NoArguments, self._list_preludes),
+            "drop_prelude": (protocol.DropPreludeArguments, self._drop_prelude),
+            "info": (protocol.NoArguments, self._info),
+            "shutdown": (protocol.NoArguments, self._shutdown),
+        }
+
+    @property
+    def commands(self) -> list[str]:
+        return sorted(self._commands)
+
+    def handle_request(self, line: bytes | str) -> dict[str, Any]:
+        """The response to one request line; every failure becomes a SystemError response."""
+        request_id = NO_ID
+        try:
+            payload = protocol.parse_json5(protocol.decode_line(line))
+            request_id = protocol.request_id_of(payload)
+            protocol.check_values(payload)
+            request = protocol.split_request(payload, self._commands)
+            model, handler = self._commands[request.command]
+            arguments = protocol.validate(model, request.arguments, f"{request.command} arguments")
+            return protocol.ok(handler(arguments), request_id)
+        except CachedPromptsError as error:
+            return protocol.failure(str(error), request_id)
+        except Exception as error:  # a bug; the client gets an answer and the loop goes on
+            log.exception("internal error while handling a request")
+            return protocol.failure(f"internal error ({type(error).__name__}: {error}); this is a bug, "
+                                    "please report it with the request line", request_id)
+
+    # ----- commands ----------------------------------------------------------------------
+
+    def _single_prompt(self, args: protocol.SinglePromptArguments) -> list[str]:
+        sampling = self._sampling(args.inference_parameters)
+        if args.number_of_random_outputs == 0 and not args.add_nonrandom_output_to_front:
+            raise ProtocolError("single_prompt arguments: number_of_random_outputs is 0 and "
+                                "add_nonrandom_output_to_front is false, so nothing would be "
+                                "generated; ask for at least one output")
+        prelude = self._prelude_tokens(args.prelude_id, args.prelude)
+        prompt = self.runner.prompt_tokens(args.prompt)
+        self.runner.check_fits(prelude, prompt)
+        # Only the first use of an id loads here, to register it; then generate() finds the
+        # state in memory. Afterwards generate() alone loads it.
+        source = None
+        if not self._is_registered(args.prelude_id, prelude):
+            source = self._load(args.prelude_id, prelude).source
+        keys: list[int | str] = [DETERMINISTIC] if args.add_nonrandom_output_to_front else []
+        keys += range(args.number_of_random_outputs)
+        outputs = self.runner.generate(prelude, prompt, sampling, seeds_for(keys, sampling),
+                                       label=args.prelude_id, kind=EXTERNAL)
+        self.last_source = source or self.runner.counters.sources[-1]
+        return outputs
+
+    def _count_tokens(self, args: protocol.CountTokensArguments) -> int:
+        return self.runner.count_tokens(args.text, at_start=args.as_prelude)
+
+    def _precache(self, args: protocol.PrecacheArguments) -> dict[str, Any]:
+        tokens = self._prelude_tokens(args.prelude_id, args.prelude)
+        load = self._load(args.prelude_id, tokens)
+        self.last_source = load.source
+        return {"prelude_id": args.prelude_id, "tokens": len(tokens), "source": load.source}
+
+    def _list_preludes(self, args: protocol.NoArguments) -> list[dict[str, Any]]:
+        entries = sorted((e for e in self.cache.entries() if e.kind == EXTERNAL), key=lambda e: e.label)
+        return [{"prelude_id": e.label, "tokens": e.n_tokens, "bytes": e.state_bytes} for e in entries]
+
+    def _drop_prelude(self, args: protocol.DropPreludeArguments) -> int:
+        """Entries of the id for any model or settings; the number removed."""
+        self._registered.pop(args.prelude_id, None)
+        dropped = [e for e in self.cache.entries(all_settings=True)
+                   if e.kind == EXTERNAL and e.label == args.prelude_id]
+        for entry in dropped:
+            self.cache.remove(entry)
+        return len(dropped)
+
+    def _info(self, args: protocol.NoArguments) -> dict[str, Any]:
+        counters = {k: v for k, v in asdict(self.runner.counters).items() if k != "sources"}
+        counters.update(cache_disk_reads=self.cache.disk_reads, cache_disk_writes=self.cache.disk_writes)
+        return {
+            "model_path": str(self.runner.model.path),
+            "context_length": self.runner.n_ctx,
+            "version": _package_version(),
+            "llama_cpp_python_version": llama_cpp.__version__,
+            "cache_dir": str(self.cache.folder),
+            "commands": self.commands,
+            "limits": {"max_line_bytes": MAX_LINE_BYTES,
+                       "max_json5_line_bytes": protocol.MAX_JSON5_BYTES,
+                       "max_outputs": protocol.MAX_OUTPUTS,
+                       "max_prelude_id_chars": protocol.MAX_PRELUDE_ID_CHARS},
+            "counters": counters,
+        }
+
+    def _shutdown(self, args: protocol.NoArguments) -> None:
+        self.finished = True
+
+    # ----- helpers -----------------------------------------------------------------------
+
+    def _sampling(self, params: dict[str, Any]) -> SamplingOptions:
+        """The defaults overridden by the request's inference_parameters, validated by the
+        same options model as the command-line flags."""
+        params = dict(params)
+        if "temp" in params:
+            if "temperature" in params:
+                raise ProtocolError("single_prompt inference_parameters: 'temp' and 'temperature' are "
+                                    "the same option; give only one")
+            params["temperature"] = params.pop("temp")
+        return protocol.validate(SamplingOptions, {**self.defaults.model_dump(), **params},
+                                 "single_prompt inference_parameters", noun="inference parameter",
+                                 aliases=("temp (= temperature)",))
+
+    def _prelude_tokens(self, prelude_id: str, text: str) -> list[int]:
+        if not text:
+            raise ProtocolError(f"the prelude of '{prelude_id}' is empty; send its text in 'prelude'")
+        return self.runner.prelude_tokens(text, f"the prelude '{prelude_id}'")
+
+    def _load(self, prelude_id: str, tokens: list[int]) -> PreludeLoad:
+        """Put the prelude's state into the context and make sure the id has its own entry."""
+        load = self.runner.load_prelude(tokens, prelude_id, kind=EXTERNAL)
+        if not self._is_registered(prelude_id, tokens):
+            self._register(prelude_id, tokens, load)
+        return load
+
+    def _is_registered(self, prelude_id: str, tokens: list[int]) -> bool:
+        if len(tokens) < 2:
+            return True  # a one-token prelude has no state to store (see runner.py)
+        known = self._registered.get(prelude_id)
+        # The entry may have been evicted or dropped by another process meanwhile.
+        return known is not None and known[0] == tokens and meta_file(self.cache.folder, known[1]).is_file()
+
+    def _register(self, prelude_id: str, tokens: list[int], load: PreludeLoad) -> None:
+        entry = load.entry
+        if entry is None or entry.label != prelude_id or entry.kind != EXTERNAL:
+            entry = next((e for e in self.cache.entries()
+                          if e.label == prelude_id and e.kind == EXTERNAL and e.tokens == tokens), None)
+        if entry is None:
+            # The state came from another id's entry or from memory; right after
+            # load_prelude sequence 0 holds exactly this prelude's stored part.
+            entry = self.cache.store(prelude_id, EXTERNAL, tokens, self.runner.context.seq_state(0))
+        self._registered[prelude_id] = (list(tokens), entry.name)
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("cached-prompts")
+    except metadata.PackageNotFoundError:
+        return "unknown (package not installed)"
+
+
+# ----- the loop ----------------------------------------------------------------------------------
+
+
+def read_lines(stream: BinaryIO) -> Iterator[bytes | int]:
+    """Request lines as bytes; a line over MAX_LINE_BYTES is skipped and yielded as its size."""
+    while True:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = stream.readline(SKIP_CHUNK)
+            if not line:
+                break
+            size += len(line)
+        yield size
+
+
+@contextlib.contextmanager
+def response_channel() -> Iterator[BinaryIO]:
+    """The process's real stdout, for responses only. Meanwhile file descriptor 1 and
+    sys.stdout point to stderr, so a stray print or a C library's printf cannot corrupt
+    the protocol."""
+    sys.stdout.flush()
+    saved_stdout = sys.stdout
+    channel = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield channel
+    finally:
+        with contextlib.suppress(OSError):  # the client may have closed the pipe
+            channel.flush()
+        os.dup2(channel.fileno(), 1)
+        with contextlib.suppress(OSError):
+            channel.close()
+        sys.stdout = saved_stdout
+
+
+def run_loop(session: Session, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    """Answer every line until EOF or `shutdown`; 0 either way."""
+    for line in read_lines(stdin):
+        response = protocol.oversized_line(line) if isinstance(line, int) else session.handle_request(line)
+        try:
+            stdout.write(protocol.encode_response(response))
+            stdout.flush()
+        except BrokenPipeError:
+            log.warning("the client closed stdout; stopping")
+            return 0
+        if session.finished:
+            break
+    return 0
+
+
+def serve(engine_options: EngineOptions, sampling: SamplingOptions, workspace: Workspace, *,
+          verbose: bool = False) -> int:
+    """Run the JSON service on the process's stdin and stdout; the exit status."""
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stderr.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    with response_channel() as channel:
+        runner = Runner(engine_options, workspace.cache_dir, verbose=verbose)
+        try:
+            log.info("stdio-json-repl ready: one JSON5 request per line on stdin")
+            return run_loop(Session(runner, sampling), sys.stdin.buffer, channel)
+        finally:
+            runner.close()
