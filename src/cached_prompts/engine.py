@@ -200,8 +200,10 @@ class Context:
 
     def set_seq_state(self, data: bytes | bytearray | memoryview, seq: int) -> None:
         size = len(data)
-        buffer = (ctypes.c_uint8 * size).from_buffer_copy(data) if isinstance(data, bytes) \
-            else (ctypes.c_uint8 * size).from_buffer(data)
+        if isinstance(data, bytes):  # llama.cpp only reads it: pass a pointer, do not copy
+            buffer = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        else:
+            buffer = (ctypes.c_uint8 * size).from_buffer(data)
         read = llama_cpp.llama_state_seq_set_data(self._ctx, buffer, size, seq)
         if read != size:
             raise EngineError(f"llama.cpp accepted {read} of {size} state bytes; the state does not "
