@@ -153,5 +153,6 @@ def test_main_py_runs_the_cli_with_full_help() -> None:
                             capture_output=True, text=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 0
     for command in ("precache-preludes", "outputs-for-drafts", "outputs-test-prompts",
-                    "show-stats-on-tokens-number", "stdio-json-repl", "--lp-mirostat-eta", "--force-outputs"):
+                    "show-stats-on-tokens-number", "stdio-json-repl", "--lp-mirostat-eta", "--force-outputs",
+                    "cache prune", "--max-size"):
         assert command in result.stdout

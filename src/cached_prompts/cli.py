@@ -116,11 +116,14 @@ def _add_cache_command(sub: Any, common: argparse.ArgumentParser) -> None:
                                 help="size to prune to, e.g. 500M or 2G (default: --cache-max-size)")
 
 
-def full_help(parser: argparse.ArgumentParser) -> str:
-    parts = [parser.format_help()]
+def full_help(parser: argparse.ArgumentParser, prefix: str = "") -> str:
+    """The parser's help, then every (nested) command's help."""
+    parts = [parser.format_help()] if not prefix else []
     for action in parser._subparsers._group_actions if parser._subparsers else []:
         for name, command in action.choices.items():
-            parts.append(f"\n{'=' * 20} {name} {'=' * 20}\n{command.format_help()}")
+            title = f"{prefix}{name}"
+            parts.append(f"\n{'=' * 20} {title} {'=' * 20}\n{command.format_help()}")
+            parts.append(full_help(command, f"{title} "))
     return "".join(parts)
 
 

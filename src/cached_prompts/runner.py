@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PARALLEL = 16
 MIN_REUSED_PREFIX = 16
+SOURCES_KEPT = 1000
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -55,7 +56,7 @@ class Counters:
     prelude_tokens_reused: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    sources: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # of the last SOURCES_KEPT loads
 
 
 class Runner:
@@ -179,6 +180,7 @@ class Runner:
         self.counters.prelude_tokens_computed += load.computed_tokens
         self.counters.prelude_tokens_reused += load.reused_tokens
         self.counters.sources.append(load.source)
+        del self.counters.sources[:-SOURCES_KEPT]  # a long-running REPL must not grow it forever
         return load
 
     # ----- outputs ------------------------------------------------------------------------
