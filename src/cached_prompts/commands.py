@@ -98,6 +98,7 @@ def outputs_for_drafts(workspace: Workspace, runner: Runner, sampling: SamplingO
             tokens = runner.prelude_tokens(read_input_text(draft), f"{DRAFTS}/{draft.name}")
         except SKIPPABLE as error:
             report.skip(draft, error)
+            progress.finish_item()
             continue
         _generate(runner, progress, f"{DRAFTS}/{draft.name}", tokens, [], sampling, keys, outputs,
                   label=f"draft {draft.stem}", store=False, report=report)
@@ -133,6 +134,7 @@ def outputs_test_prompts(workspace: Workspace, runner: Runner, sampling: Samplin
                 runner.check_fits(prelude, prompt_tokens)
             except SKIPPABLE as error:
                 report.skip(prompt.path, error)
+                progress.finish_item()
                 continue
             ready.append((prompt.path, prompt_tokens, outputs))
         if deterministic or sampling.greedy or len(ready) < 2:
