@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import llama_cpp
@@ -115,17 +116,22 @@ class Bench:
 
     # ----- 3 and 4: the workload and decode rates ----------------------------------------------
 
-    def workload_ours(self, kv_type: str) -> None:
+    def workload(self, kv_type: str) -> tuple[Runner, list[int], list[list[int]], Callable[[], None]]:
+        """A runner with the prelude loaded, its tokens, and the workload with prompts together."""
         runner = self.runner(kv_type, None)
+        prelude = runner.prelude_tokens(self.prelude, "bench prelude")
+        prompts = [runner.prompt_tokens(p) for p in self.prompts]
+        runner.load_prelude(prelude, "bench")
+        seeds = [self.seeds] * len(prompts)
+
+        def together() -> None:
+            runner.generate_many(prelude, prompts, self.sampling, seeds, label="bench")
+
+        return runner, prelude, prompts, together
+
+    def workload_ours(self, kv_type: str) -> None:
+        runner, prelude, prompts, together = self.workload(kv_type)
         try:
-            prelude = runner.prelude_tokens(self.prelude, "bench prelude")
-            prompts = [runner.prompt_tokens(p) for p in self.prompts]
-            runner.load_prelude(prelude, "bench")
-            seeds = [self.seeds] * len(prompts)
-
-            def together() -> None:
-                runner.generate_many(prelude, prompts, self.sampling, seeds, label="bench")
-
             def one_prompt_at_a_time() -> None:
                 for prompt in prompts:
                     runner.generate(prelude, prompt, self.sampling, self.seeds, label="bench")

@@ -70,15 +70,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     bench = Bench(QUICK if args.quick else FULL, args.threads or os.cpu_count() or 1, default_model_path())
-    runner = bench.runner("f16", None)
-    prelude = runner.prelude_tokens(bench.prelude, "bench prelude")
-    prompts = [runner.prompt_tokens(p) for p in bench.prompts]
-    runner.load_prelude(prelude, "bench")
-    seeds = [bench.seeds] * len(prompts)
-
-    def work() -> None:
-        runner.generate_many(prelude, prompts, bench.sampling, seeds, label="bench")
-
+    runner, _, _, work = bench.workload("f16")
     work()  # warm-up
     for part, seconds in timed_breakdown(work).items():
         print(f"{part:>18}: {seconds * 1000:8.1f} ms")

@@ -53,8 +53,6 @@ class Model:
                              "complete GGUF file of an architecture this llama.cpp supports (-v shows why)")
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self._piece = ctypes.create_string_buffer(256)
 
     @property

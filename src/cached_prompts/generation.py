@@ -50,14 +50,6 @@ class TextCollector:
 
 
 @dataclass
-class Wave:
-    """Outputs decoded together: one seed per sequence, None meaning greedy."""
-
-    seeds: list[int | None]
-    budget: int  # most tokens per output
-
-
-@dataclass
 class Branch:
     """The outputs of one prompt within a wave."""
 
@@ -145,11 +137,3 @@ def _decode_loop(context: Context, model: Model, live: list[_Output], on_step: S
             on_step(taken)
         live = going
 
-
-def generate_wave(context: Context, model: Model, wave: Wave, sampling: SamplingOptions,
-                  history: Sequence[int], first_position: int,
-                  on_step: StepCallback | None = None) -> list[str]:
-    """Sample `len(wave.seeds)` outputs as sequences 0..n-1 from the prefix in sequence 0
-    (whose last decode left its logits at row -1)."""
-    branch = Branch(wave.seeds, wave.budget, history, first_position)
-    return generate_branches(context, model, [branch], sampling, lambda index, seq: None, on_step)[0]
