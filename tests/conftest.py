@@ -10,7 +10,8 @@ import pytest
 
 from cached_prompts.model_locator import default_model_path
 from cached_prompts.options import EngineOptions, SamplingOptions
-from cached_prompts.runner import Runner
+from cached_prompts.backend import GenerationRequest, PreludeKind, PromptJob
+from cached_prompts.local_backend import LocalBackend
 
 CHATML_SYSTEM = ("<|im_start|>system\nYou are a concise dictionary. For each word, reply with one "
                  "sentence that defines it.<|im_end|>\n<|im_start|>user\n")
@@ -37,18 +38,33 @@ def small_options() -> EngineOptions:
 
 
 @pytest.fixture
-def make_runner(small_options: EngineOptions) -> Iterator[Callable[..., Runner]]:
-    """Runners closed at the end of the test; `make_runner(cache_dir)` or `make_runner(None)`."""
-    made: list[Runner] = []
+def make_runner(small_options: EngineOptions) -> Iterator[Callable[..., LocalBackend]]:
+    """Local backends closed at the end of the test; `make_runner(cache_dir)` or `make_runner(None)`."""
+    made: list[LocalBackend] = []
 
-    def make(cache_dir: Path | None, **options: object) -> Runner:
-        runner = Runner(small_options.model_copy(update=options), cache_dir, n_parallel=8)
+    def make(cache_dir: Path | None, **options: object) -> LocalBackend:
+        runner = LocalBackend(small_options.model_copy(update=options), cache_dir, n_parallel=8)
         made.append(runner)
         return runner
 
     yield make
     for runner in made:
         runner.close()
+
+
+def generate_many(backend, prelude: list[int], fulls: list[list[int]], sampling: SamplingOptions,
+                  seeds: list[list[int | None]], *, label: str = "p", store: bool = True,
+                  kind: PreludeKind = PreludeKind.PRELUDE) -> list[list[str]]:
+    """The texts of `backend.generate` for several prompts (joint tokens) of one prelude."""
+    request = GenerationRequest(prelude, [PromptJob(full, list(s)) for full, s in zip(fulls, seeds)], sampling,
+                                label, kind=kind, store=store)
+    return [[c.text for c in completions] for completions in backend.generate(request)]
+
+
+def generate(backend, prelude: list[int], full: list[int], sampling: SamplingOptions,
+             seeds: list[int | None], **kwargs: object) -> list[str]:
+    """The texts of one prompt's outputs, one per seed (None = greedy)."""
+    return generate_many(backend, prelude, [full], sampling, [seeds], **kwargs)[0]
 
 
 def write(path: Path, text: str) -> Path:

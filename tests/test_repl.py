@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed
 from cached_prompts.protocol import MAX_LINE_BYTES, encode_response
 from cached_prompts.repl import EXTERNAL, Session, run_loop
-from cached_prompts.runner import Runner
+from cached_prompts.local_backend import LocalBackend as Runner
 
-from .conftest import PRELUDE, prompt_for
+from .conftest import PRELUDE, generate, prompt_for
 
 SPEC_LINE = r'{command: "single_prompt", arguments: {prelude_id: "test_prelude", prelude: "user\n", prompt: "2+2=\nbot\n"}}'
 DEFAULTS = SamplingOptions(max_tokens=4)
@@ -71,7 +71,7 @@ def precache(session: Session, prelude_id: str, text: str) -> dict[str, Any]:
 
 def external_entries(session: Session) -> dict[str, list[list[int]]]:
     found: dict[str, list[list[int]]] = {}
-    for entry in session.cache.entries():
+    for entry in session.backend.cache.entries():
         if entry.kind == EXTERNAL:
             found.setdefault(entry.label, []).append(entry.tokens)
     return found
@@ -88,7 +88,7 @@ def test_the_spec_example_line_typed_as_is_answers_ok(session: Session) -> None:
 def test_json5_syntax_is_accepted_and_the_id_is_echoed(session: Session) -> None:
     line = "{id: 'req-1', command: 'count_tokens', arguments: {text: 'два слова',}, // comment\n}"
     response = ask(session, line.replace("\n", " ").replace("// comment", "/* comment */"))
-    assert response == {"status": "Ok", "value": session.runner.count_tokens("два слова", at_start=False),
+    assert response == {"status": "Ok", "value": session.backend.count_tokens("два слова", at_start=False),
                         "message": "", "id": "req-1"}
     assert "id" not in ask(session, '{"command": "info"}')
 
@@ -96,23 +96,23 @@ def test_json5_syntax_is_accepted_and_the_id_is_echoed(session: Session) -> None
 @pytest.mark.parametrize("line", [r'{command: "count_tokens", arguments: {text: "\ud83d\ude00"}}',
                                   r'{"command": "count_tokens", "arguments": {"text": "\ud83d\ude00"}}'])
 def test_an_escaped_surrogate_pair_is_one_character(session: Session, line: str) -> None:
-    assert ok_value(session, line) == session.runner.count_tokens("\U0001F600", at_start=False)
+    assert ok_value(session, line) == session.backend.count_tokens("\U0001F600", at_start=False)
 
 
 def test_count_tokens_counts_bos_only_as_a_prelude(session: Session) -> None:
     as_prompt = ok_value(session, request("count_tokens", text=PRELUDE))
     as_prelude = ok_value(session, request("count_tokens", text=PRELUDE, as_prelude=True))
-    assert as_prompt == len(session.runner.prompt_tokens(PRELUDE))
-    assert as_prelude == len(session.runner.prelude_tokens(PRELUDE, "test"))
+    assert as_prompt == len(session.backend.tokenize(PRELUDE, at_start=False))
+    assert as_prelude == len(session.backend.prelude_tokens(PRELUDE, "test"))
 
 
 def test_precache_list_and_drop(session: Session) -> None:
     assert precache(session, "dictionary", PRELUDE)["source"] == "computed"
     assert precache(session, "dictionary", PRELUDE)["source"] in ("memory", "cache")
-    tokens = len(session.runner.prelude_tokens(PRELUDE, "test"))
+    tokens = len(session.backend.prelude_tokens(PRELUDE, "test"))
     (listed,) = ok_value(session, request("list_preludes"))
-    (entry,) = [e for e in session.cache.entries() if e.kind == EXTERNAL]
-    kv_file = session.cache.folder / f"{entry.name}.kv"
+    (entry,) = [e for e in session.backend.cache.entries() if e.kind == EXTERNAL]
+    kv_file = session.backend.cache.folder / f"{entry.name}.kv"
     assert listed == {"prelude_id": "dictionary", "tokens": tokens, "bytes": kv_file.stat().st_size}
     assert ok_value(session, request("drop_prelude", prelude_id="dictionary")) == 1
     assert not kv_file.exists()
@@ -122,7 +122,7 @@ def test_precache_list_and_drop(session: Session) -> None:
 
 def test_info_and_shutdown(session: Session) -> None:
     info = ok_value(session, '{command: "info"}')
-    assert info["context_length"] == session.runner.n_ctx
+    assert info["context_length"] == session.backend.n_ctx
     assert info["model_path"].endswith(".gguf") and info["version"] and info["llama_cpp_python_version"]
     assert info["limits"]["max_line_bytes"] == MAX_LINE_BYTES
     assert info["counters"]["preludes_computed"] == 0
@@ -136,7 +136,7 @@ def test_info_and_shutdown(session: Session) -> None:
 
 def test_second_request_with_the_same_id_does_not_recompute(session: Session) -> None:
     line = request("single_prompt", prelude_id="dict", prelude=PRELUDE, prompt=prompt_for("river"))
-    counters = session.runner.counters
+    counters = session.backend.counters
     ok_value(session, line)
     assert session.last_source == "computed"
     assert counters.preludes_computed == 1
@@ -148,14 +148,14 @@ def test_second_request_with_the_same_id_does_not_recompute(session: Session) ->
     ok_value(session, request("single_prompt", prelude_id="other", prelude="Q: colours\n", prompt="A:"))
     ok_value(session, line)
     assert session.last_source == "cache"
-    assert (counters.preludes_computed, session.cache.disk_reads) == (2, 0)
+    assert (counters.preludes_computed, session.backend.cache.disk_reads) == (2, 0)
 
 
 def test_same_id_with_a_new_text_replaces_the_entry(session: Session) -> None:
     first, second = PRELUDE, PRELUDE + "bicycle"
     precache(session, "dict", first)
     precache(session, "dict", second)
-    assert external_entries(session) == {"dict": [session.runner.prelude_tokens(second, "t")]}
+    assert external_entries(session) == {"dict": [session.backend.prelude_tokens(second, "t")]}
 
 
 def test_an_id_gets_its_own_entry_even_when_its_text_is_cached_under_another(session: Session) -> None:
@@ -163,9 +163,9 @@ def test_an_id_gets_its_own_entry_even_when_its_text_is_cached_under_another(ses
     precache(session, "a", text_a)
     precache(session, "b", text_b)
     assert precache(session, "a", text_b)["source"] in ("memory", "cache")
-    tokens_b = session.runner.prelude_tokens(text_b, "t")
+    tokens_b = session.backend.prelude_tokens(text_b, "t")
     assert external_entries(session) == {"a": [tokens_b], "b": [tokens_b]}
-    assert session.runner.counters.preludes_computed == 2
+    assert session.backend.counters.preludes_computed == 2
 
 
 @pytest.mark.parametrize("bad_id", ["../x", "..", ".", "/etc/passwd", "a/b", "a\\b", "C:x", "a\x00b",
@@ -173,7 +173,7 @@ def test_an_id_gets_its_own_entry_even_when_its_text_is_cached_under_another(ses
 def test_unsafe_prelude_ids_are_refused(session: Session, bad_id: str, tmp_path: Path) -> None:
     message = error_message(session, request("precache", prelude_id=bad_id, prelude=PRELUDE))
     assert "'prelude_id'" in message and "a prelude_id has 1-200 characters" in message
-    assert session.cache.entries(all_settings=True) == []
+    assert session.backend.cache.entries(all_settings=True) == []
     assert not list(tmp_path.rglob("*.kv"))
 
 
@@ -182,7 +182,7 @@ def test_ids_of_any_script_stay_inside_the_cache_folder(session: Session, good_i
                                                         tmp_path: Path) -> None:
     precache(session, good_id, PRELUDE)
     assert [e["prelude_id"] for e in ok_value(session, request("list_preludes"))] == [good_id]
-    assert {p.parent for p in tmp_path.rglob("*.kv")} == {session.cache.folder}
+    assert {p.parent for p in tmp_path.rglob("*.kv")} == {session.backend.cache.folder}
 
 
 # ----- outputs --------------------------------------------------------------------------------
@@ -195,10 +195,10 @@ def test_greedy_and_sampled_outputs_match_the_runner(session: Session,
                                       prompt=prompt_for("river"), number_of_random_outputs=2,
                                       add_nonrandom_output_to_front=True, inference_parameters=params))
     uncached = make_runner(None, n_threads=1)
-    prelude, prompt = uncached.prelude_tokens(PRELUDE, "t"), uncached.prompt_tokens(prompt_for("river"))
+    prelude, prompt = uncached.prelude_tokens(PRELUDE, "t"), uncached.joint_tokens(PRELUDE, prompt_for("river"))
     sampling = DEFAULTS.model_copy(update=params)
-    expected = uncached.generate(prelude, prompt, sampling, [None], label="t", store=False)
-    expected += uncached.generate(prelude, prompt, sampling, [derive_seed(3, 0), derive_seed(3, 1)],
+    expected = generate(uncached, prelude, prompt, sampling, [None], label="t", store=False)
+    expected += generate(uncached, prelude, prompt, sampling, [derive_seed(3, 0), derive_seed(3, 1)],
                                   label="t", store=False)
     assert value == expected
     greedy = ok_value(session, request("single_prompt", prelude_id="dict", prelude=PRELUDE,
@@ -261,7 +261,7 @@ def test_a_prompt_or_prelude_over_the_context_is_refused_and_the_session_goes_on
     assert "context only 1024" in message and "--lp-n-ctx" in message
     message = error_message(session, request("precache", prelude_id="big", prelude=long_text))
     assert "context only 1024" in message
-    assert session.runner.counters.preludes_computed == 0
+    assert session.backend.counters.preludes_computed == 0
     assert isinstance(ok_value(session, request("single_prompt", **GOOD)), list)
 
 

@@ -11,7 +11,7 @@ from cached_prompts.errors import ContextOverflowError, InputFileError
 from cached_prompts.generation import TextCollector
 from cached_prompts.options import SamplingOptions
 
-from .conftest import GREEDY, PRELUDE, SAMPLED, prompt_for
+from .conftest import GREEDY, PRELUDE, SAMPLED, generate, prompt_for
 
 RAW_KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # layers x KV heads x head dim x (K, V) x f16
 
@@ -19,15 +19,15 @@ RAW_KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # layers x KV heads x head dim x (
 def test_cached_greedy_output_is_byte_identical_to_uncached(make_runner, tmp_path: Path) -> None:
     uncached = make_runner(None)
     prelude = uncached.prelude_tokens(PRELUDE, "prelude")
-    prompts = [uncached.prompt_tokens(prompt_for(w)) for w in ("river", "library")]
-    expected = [uncached.generate(prelude, p, GREEDY, [None], label="p")[0] for p in prompts]
+    prompts = [uncached.joint_tokens(PRELUDE, prompt_for(w)) for w in ("river", "library")]
+    expected = [generate(uncached, prelude, p, GREEDY, [None], label="p")[0] for p in prompts]
 
     writer = make_runner(tmp_path / "cache")
-    assert [writer.generate(prelude, p, GREEDY, [None], label="p")[0] for p in prompts] == expected
+    assert [generate(writer, prelude, p, GREEDY, [None], label="p")[0] for p in prompts] == expected
     assert writer.counters.sources == ["computed", "memory"]
 
     reader = make_runner(tmp_path / "cache")  # a new process would see the same files
-    assert [reader.generate(prelude, p, GREEDY, [None], label="p")[0] for p in prompts] == expected
+    assert [generate(reader, prelude, p, GREEDY, [None], label="p")[0] for p in prompts] == expected
     assert reader.counters.sources == ["cache", "memory"]
     assert reader.counters.prelude_tokens_computed == 0
     assert all(expected)
@@ -37,12 +37,12 @@ def test_sampled_outputs_are_reproducible_and_independent_of_the_cache(make_runn
     seeds = [11, 12, 13]
     uncached = make_runner(None)
     prelude = uncached.prelude_tokens(PRELUDE, "prelude")
-    prompt = uncached.prompt_tokens(prompt_for("river"))
-    first = uncached.generate(prelude, prompt, SAMPLED, seeds, label="p")
-    again = uncached.generate(prelude, prompt, SAMPLED, seeds, label="p")
+    prompt = uncached.joint_tokens(PRELUDE, prompt_for("river"))
+    first = generate(uncached, prelude, prompt, SAMPLED, seeds, label="p")
+    again = generate(uncached, prelude, prompt, SAMPLED, seeds, label="p")
     cached = make_runner(tmp_path / "cache")
-    cached.generate(prelude, prompt, SAMPLED, seeds, label="p")
-    from_disk = make_runner(tmp_path / "cache").generate(prelude, prompt, SAMPLED, seeds, label="p")
+    generate(cached, prelude, prompt, SAMPLED, seeds, label="p")
+    from_disk = generate(make_runner(tmp_path / "cache"), prelude, prompt, SAMPLED, seeds, label="p")
     assert first == again == from_disk
     assert len(set(first)) > 1, "different seeds should give different answers"
 
@@ -51,25 +51,26 @@ def test_a_prelude_extending_a_cached_one_is_built_from_its_state(make_runner, t
     longer_text = PRELUDE + "bicycle<|im_end|>\n<|im_start|>assistant\nA vehicle.<|im_end|>\n<|im_start|>user\n"
     scratch = make_runner(None)
     longer = scratch.prelude_tokens(longer_text, "longer")
-    prompt = scratch.prompt_tokens(prompt_for("river"))
-    expected = scratch.generate(longer, prompt, GREEDY, [None], label="longer")
+    prompt = scratch.joint_tokens(PRELUDE, prompt_for("river"))
+    expected = generate(scratch, longer, prompt, GREEDY, [None], label="longer")
 
     runner = make_runner(tmp_path / "cache")
     parent = runner.prelude_tokens(PRELUDE, "parent")
-    runner.load_prelude(parent, "parent")
-    load = runner.load_prelude(longer, "longer")
+    runner.prepare_prelude(parent, "parent")
+    load = runner.prepare_prelude(longer, "longer")
     assert load.source == "prefix"
     assert load.reused_tokens == len(parent) - 1
     assert load.computed_tokens == len(longer) - len(parent)
     fresh = make_runner(tmp_path / "cache")
-    assert fresh.generate(longer, prompt, GREEDY, [None], label="longer") == expected
+    assert generate(fresh, longer, prompt, GREEDY, [None], label="longer") == expected
     assert fresh.counters.sources == ["cache"]
 
 
 def test_cache_bytes_per_token_are_within_5_percent_of_raw_kv(make_runner, tmp_path: Path) -> None:
     runner = make_runner(tmp_path / "cache")
     tokens = runner.prelude_tokens(PRELUDE * 6, "long prelude")
-    entry = runner.load_prelude(tokens, "long").entry
+    runner.prepare_prelude(tokens, "long")
+    entry = runner.cache.find_exact(tokens)
     per_token = entry.state_bytes / (len(tokens) - 1)
     assert RAW_KV_BYTES_PER_TOKEN <= per_token <= 1.05 * RAW_KV_BYTES_PER_TOKEN
 
@@ -81,9 +82,9 @@ def test_a_different_model_file_never_reuses_an_entry(make_runner, tmp_path: Pat
         handle.write(b"\0" * 64)
     first = make_runner(tmp_path / "cache")
     prelude = first.prelude_tokens(PRELUDE, "p")
-    first.load_prelude(prelude, "p")
+    first.prepare_prelude(prelude, "p")
     second = make_runner(tmp_path / "cache", model_path=str(other_model))
-    assert second.load_prelude(prelude, "p").source == "computed"
+    assert second.prepare_prelude(prelude, "p").source == "computed"
     assert first.settings.key() != second.settings.key()
 
 
@@ -93,7 +94,7 @@ def test_context_limits_give_clear_errors(make_runner) -> None:
         runner.prelude_tokens(PRELUDE * 3, "preludes/big.txt")
     prelude = runner.prelude_tokens("<|im_start|>user\n", "p")
     with pytest.raises(ContextOverflowError, match="prelude \\+ prompt take"):
-        runner.generate(prelude, runner.prompt_tokens("word " * 80), GREEDY, [None], label="p")
+        generate(runner, prelude, runner.joint_tokens("<|im_start|>user\n", "word " * 80), GREEDY, [None], label="p")
     with pytest.raises(InputFileError, match="is empty"):
         runner.prelude_tokens("", "preludes/empty.txt")
 
@@ -101,14 +102,14 @@ def test_context_limits_give_clear_errors(make_runner) -> None:
 def test_answers_stop_at_stop_strings_and_max_tokens(make_runner) -> None:
     runner = make_runner(None)
     prelude = runner.prelude_tokens(PRELUDE, "p")
-    prompt = runner.prompt_tokens(prompt_for("river"))
-    full = runner.generate(prelude, prompt, GREEDY.model_copy(update={"max_tokens": 12}), [None], label="p")[0]
+    prompt = runner.joint_tokens(PRELUDE, prompt_for("river"))
+    full = generate(runner, prelude, prompt, GREEDY.model_copy(update={"max_tokens": 12}), [None], label="p")[0]
     word = full.split()[1]
-    stopped = runner.generate(prelude, prompt, GREEDY.model_copy(update={"max_tokens": 12, "stop": [word]}),
+    stopped = generate(runner, prelude, prompt, GREEDY.model_copy(update={"max_tokens": 12, "stop": [word]}),
                               [None], label="p")[0]
     assert stopped == full[: full.index(word)]
-    short = runner.generate(prelude, prompt, GREEDY.model_copy(update={"max_tokens": 2}), [None], label="p")[0]
-    assert full.startswith(short) and len(runner.prompt_tokens(short)) <= 3
+    short = generate(runner, prelude, prompt, GREEDY.model_copy(update={"max_tokens": 2}), [None], label="p")[0]
+    assert full.startswith(short) and len(runner.tokenize(short, at_start=False)) <= 3
 
 
 def test_text_collector_keeps_letters_split_across_tokens() -> None:
@@ -130,8 +131,8 @@ def test_text_collector_finds_a_stop_string_spanning_pieces() -> None:
 def test_greedy_sampling_options_make_identical_outputs_once(make_runner) -> None:
     runner = make_runner(None)
     prelude = runner.prelude_tokens(PRELUDE, "p")
-    prompt = runner.prompt_tokens(prompt_for("river"))
-    outputs = runner.generate(prelude, prompt, SamplingOptions(temperature=0, max_tokens=4), [None, None],
+    prompt = runner.joint_tokens(PRELUDE, prompt_for("river"))
+    outputs = generate(runner, prelude, prompt, SamplingOptions(temperature=0, max_tokens=4), [None, None],
                               label="p")
     assert outputs[0] == outputs[1]
     assert runner.counters.generated_tokens <= 4

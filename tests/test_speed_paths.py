@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from cached_prompts.generation import Branch, generate_branches
+from cached_prompts.backend import GenerationRequest, PromptJob
+from cached_prompts.generation import generate_branches
 from cached_prompts.options import SamplingOptions
-from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, SAMPLED, prompt_for
+from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, SAMPLED, generate, generate_many, prompt_for
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_F16_KV_BYTES_PER_TOKEN = 30 * 3 * 64 * 2 * 2  # SmolLM2-135M: layers x KV heads x head dim x K,V x f16
@@ -30,25 +29,30 @@ def long_prelude(examples: int) -> str:
     return CHATML_SYSTEM + "".join(turns)
 
 
-def test_generate_many_with_one_prompt_is_generate(make_runner) -> None:
+def test_each_prompt_of_a_batch_gets_its_own_outputs(make_runner) -> None:
+    """Outputs are mapped back to their prompt: several prompts' greedy outputs in one
+    request are each the greedy output of that prompt alone (greedy outputs are decoded alone,
+    so any mix-up of jobs shows)."""
     runner = make_runner(None)
     prelude = runner.prelude_tokens(PRELUDE, "p")
-    prompt = runner.prompt_tokens(prompt_for("river"))
-    alone = runner.generate(prelude, prompt, SAMPLED, [None, *SEEDS], label="p")
-    many = runner.generate_many(prelude, [prompt], SAMPLED, [[None, *SEEDS]], label="p")
-    assert many == [alone]
-    assert all(alone)
+    fulls = [runner.joint_tokens(PRELUDE, prompt_for(word)) for word in WORDS]
+    greedy = GREEDY.model_copy(update={"max_tokens": 4})
+    alone = [generate(runner, prelude, full, greedy, [None])[0] for full in fulls]
+    assert len(set(alone)) == len(WORDS), "the prompts should get different answers"
+    assert [texts[0] for texts in generate_many(runner, prelude, fulls, greedy, [[None]] * 3)] == alone
+    mixed = generate_many(runner, prelude, fulls, greedy, [[SEEDS[0], None], [None], [None, SEEDS[1]]])
+    assert [mixed[0][1], mixed[1][0], mixed[2][0]] == alone
 
 
 def test_greedy_output_is_the_same_alone_batched_and_uncached(make_runner, tmp_path: Path) -> None:
     """Greedy outputs are decoded alone, so batching other prompts' outputs never changes them."""
     fresh = make_runner(None)
     prelude = fresh.prelude_tokens(PRELUDE, "p")
-    prompts = [fresh.prompt_tokens(prompt_for(word)) for word in WORDS]
-    expected = [fresh.generate(prelude, prompt, GREEDY, [None], label="p")[0] for prompt in prompts]
+    prompts = [fresh.joint_tokens(PRELUDE, prompt_for(word)) for word in WORDS]
+    expected = [generate(fresh, prelude, prompt, GREEDY, [None], label="p")[0] for prompt in prompts]
     for cache_dir in (None, tmp_path / "cache", tmp_path / "cache"):
         runner = make_runner(cache_dir)
-        batched = runner.generate_many(prelude, prompts, SAMPLED, [[*SEEDS, None]] * len(prompts), label="p")
+        batched = generate_many(runner, prelude, prompts, SAMPLED, [[*SEEDS, None]] * len(prompts), label="p")
         assert [outputs[-1] for outputs in batched] == expected
     assert runner.counters.sources == ["cache"]
 
@@ -56,9 +60,9 @@ def test_greedy_output_is_the_same_alone_batched_and_uncached(make_runner, tmp_p
 def test_sampled_outputs_of_several_prompts_are_reproducible(make_runner) -> None:
     runner = make_runner(None)
     prelude = runner.prelude_tokens(PRELUDE, "p")
-    prompts = [runner.prompt_tokens(prompt_for(word)) for word in WORDS]
+    prompts = [runner.joint_tokens(PRELUDE, prompt_for(word)) for word in WORDS]
     seeds = [SEEDS] * len(prompts)
-    first = runner.generate_many(prelude, prompts, SAMPLED, seeds, label="p")
+    first = generate_many(runner, prelude, prompts, SAMPLED, seeds, label="p")
     again = make_runner(None).generate_many(prelude, prompts, SAMPLED, seeds, label="p")
     assert first == again
     assert [len(outputs) for outputs in first] == [len(SEEDS)] * len(prompts)
@@ -69,13 +73,14 @@ def test_sampled_outputs_of_several_prompts_are_reproducible(make_runner) -> Non
 def test_waves_respect_the_sequences_and_the_free_cells(make_runner, monkeypatch) -> None:
     runner = make_runner(None)  # 8 sequences, 1,024 cells
     prelude = runner.prelude_tokens(PRELUDE, "p")
-    prompts = [runner.prompt_tokens(prompt_for(word)) for word in WORDS]
+    prompts = [runner.joint_tokens(PRELUDE, prompt_for(word)) for word in WORDS]
     seeds = [[1, 2, 3, 4, 5, 5]] * 3  # a repeated seed is generated once
-    waves = runner._plan_waves(prelude, prompts, seeds, [100] * 3)
+    request = GenerationRequest(prelude, [PromptJob(full, s) for full, s in zip(prompts, seeds)], SAMPLED, "p")
+    waves = runner._plan_waves(request, [100] * 3)
     sizes = [sum(len(chunk) for _, chunk in wave) for wave in waves]
     assert max(sizes) <= 8 and sum(sizes) == 15
     for wave in waves:
-        cells = len(prelude) + sum(len(prompts[i]) + 1 + len(chunk) * 100 for i, chunk in wave)
+        cells = len(prelude) - 1 + sum(len(prompts[i]) - (len(prelude) - 1) + len(chunk) * 100 for i, chunk in wave)
         assert cells <= runner.n_ctx
     assert [(i, s) for wave in waves for i, chunk in wave for s in chunk] == \
         [(i, s) for i in range(3) for s in [1, 2, 3, 4, 5]]
@@ -87,8 +92,8 @@ def test_waves_respect_the_sequences_and_the_free_cells(make_runner, monkeypatch
         seen.append(sum(len(b.seeds) for b in branches))
         return original(context, model, branches, *args, **kwargs)
 
-    monkeypatch.setattr("cached_prompts.runner.generate_branches", spy)
-    outputs = runner.generate_many(prelude, prompts, SAMPLED.model_copy(update={"max_tokens": 3}), seeds,
+    monkeypatch.setattr("cached_prompts.local_backend.generate_branches", spy)
+    outputs = generate_many(runner, prelude, prompts, SAMPLED.model_copy(update={"max_tokens": 3}), seeds,
                                    label="p")
     assert max(seen) <= runner.n_parallel and sum(seen) == 15
     assert [len(texts) for texts in outputs] == [6, 6, 6]
@@ -98,26 +103,10 @@ def test_waves_respect_the_sequences_and_the_free_cells(make_runner, monkeypatch
 def test_stop_strings_end_each_batched_output(make_runner) -> None:
     runner = make_runner(None)
     prelude = runner.prelude_tokens(PRELUDE, "p")
-    prompts = [runner.prompt_tokens(prompt_for(word)) for word in WORDS]
+    prompts = [runner.joint_tokens(PRELUDE, prompt_for(word)) for word in WORDS]
     sampling = SamplingOptions(max_tokens=24, stop=[" "])
-    outputs = runner.generate_many(prelude, prompts, sampling, [SEEDS] * 3, label="p")
+    outputs = generate_many(runner, prelude, prompts, sampling, [SEEDS] * 3, label="p")
     assert all(" " not in text for texts in outputs for text in texts)
-
-
-def test_greedy_sequences_batched_in_one_decode(make_runner) -> None:
-    """Several greedy sequences share a batch: the first token comes from the same logits, so
-    it always agrees; later tokens agree where llama.cpp's arithmetic does not depend on the
-    batch (measured in bench/batch_divergence.py, see the README)."""
-    runner = make_runner(None)
-    prelude = runner.prelude_tokens(PRELUDE, "p")
-    prompt = runner.prompt_tokens(prompt_for("river"))
-    alone = runner.generate(prelude, prompt, GREEDY.model_copy(update={"max_tokens": 1}), [None], label="p")[0]
-    runner.load_prelude(prelude, "p")
-    tail = prelude[-1:] + prompt
-    runner.context.decode_sequence(tail, len(prelude) - 1)
-    branch = Branch([None, None, None], 1, prelude + prompt, len(prelude) + len(prompt))
-    batched = generate_branches(runner.context, runner.model, [branch], GREEDY, lambda b, s: None)[0]
-    assert batched == [alone] * 3
 
 
 def test_longest_prefix_reuse_evaluates_only_the_rest(make_runner, tmp_path: Path) -> None:
@@ -125,13 +114,13 @@ def test_longest_prefix_reuse_evaluates_only_the_rest(make_runner, tmp_path: Pat
     cached = make_runner(tmp_path / "cache")
     short, long = cached.prelude_tokens(short_text, "s"), cached.prelude_tokens(long_text, "l")
     assert long[:len(short)] == short
-    assert cached.load_prelude(short, "short").source == "computed"
-    load = cached.load_prelude(long, "long")
+    assert cached.prepare_prelude(short, "short").source == "computed"
+    load = cached.prepare_prelude(long, "long")
     assert (load.source, load.reused_tokens, load.computed_tokens) == \
         ("prefix", len(short) - 1, len(long) - len(short))
-    prompt = cached.prompt_tokens(prompt_for("river"))
-    from_prefix = cached.generate(long, prompt, GREEDY, [None], label="long")
-    from_scratch = make_runner(None).generate(long, prompt, GREEDY, [None], label="long")
+    prompt = cached.joint_tokens(long_text, prompt_for("river"))
+    from_prefix = generate(cached, long, prompt, GREEDY, [None], label="long")
+    from_scratch = generate(make_runner(None), long, prompt, GREEDY, [None], label="long")
     assert from_prefix == from_scratch
 
 
@@ -139,16 +128,16 @@ def test_longest_prefix_reuse_of_a_prelude_that_diverges(make_runner, tmp_path: 
     """A prelude that shares only the first part of a cached one: the entry is trimmed."""
     cached = make_runner(tmp_path / "cache")
     base = cached.prelude_tokens(long_prelude(6), "b")
-    cached.load_prelude(base, "base")
+    cached.prepare_prelude(base, "base")
     other_text = long_prelude(3) + "kettle<|im_end|>\n<|im_start|>assistant\nA pot for boiling water.<|im_end|>\n"
     other = cached.prelude_tokens(other_text, "o")
     shared = next(i for i, (a, b) in enumerate(zip(base, other)) if a != b)
-    load = cached.load_prelude(other, "other")
+    load = cached.prepare_prelude(other, "other")
     assert (load.source, load.reused_tokens, load.computed_tokens) == \
         ("prefix", shared, len(other) - 1 - shared)
-    prompt = cached.prompt_tokens(prompt_for("river"))
-    assert cached.generate(other, prompt, GREEDY, [None], label="other") == \
-        make_runner(None).generate(other, prompt, GREEDY, [None], label="other")
+    prompt = cached.joint_tokens(other_text, prompt_for("river"))
+    assert generate(cached, other, prompt, GREEDY, [None], label="other") == \
+        generate(make_runner(None), other, prompt, GREEDY, [None], label="other")
 
 
 def entry_bytes_per_token(runner, tokens: list[int]) -> float:
@@ -161,7 +150,7 @@ def test_f16_cache_entries_are_the_raw_kv_size(make_runner, tmp_path: Path) -> N
     runner = make_runner(tmp_path / "cache")
     tokens = runner.prelude_tokens(long_prelude(12), "p")
     assert 200 < len(tokens) < 600
-    runner.load_prelude(tokens, "p")
+    runner.prepare_prelude(tokens, "p")
     per_token = entry_bytes_per_token(runner, tokens)
     assert RAW_F16_KV_BYTES_PER_TOKEN <= per_token <= 1.05 * RAW_F16_KV_BYTES_PER_TOKEN
 
@@ -170,15 +159,15 @@ def test_q8_0_works_end_to_end_with_smaller_entries(make_runner, tmp_path: Path)
     cache_dir = tmp_path / "cache"
     runner = make_runner(cache_dir, kv_type="q8_0")
     tokens = runner.prelude_tokens(long_prelude(12), "p")
-    prompts = [runner.prompt_tokens(prompt_for(word)) for word in WORDS]
-    first = runner.generate_many(tokens, prompts, SAMPLED, [[None, *SEEDS]] * 3, label="p")
+    prompts = [runner.joint_tokens(long_prelude(12), prompt_for(word)) for word in WORDS]
+    first = generate_many(runner, tokens, prompts, SAMPLED, [[None, *SEEDS]] * 3, label="p")
     assert all(text for texts in first for text in texts)
     assert entry_bytes_per_token(runner, tokens) <= 0.55 * RAW_F16_KV_BYTES_PER_TOKEN
     restored = make_runner(cache_dir, kv_type="q8_0")
-    assert restored.generate_many(tokens, prompts, SAMPLED, [[None, *SEEDS]] * 3, label="p") == first
+    assert generate_many(restored, tokens, prompts, SAMPLED, [[None, *SEEDS]] * 3, label="p") == first
     assert restored.counters.sources == ["cache"]
     f16 = make_runner(cache_dir)  # the KV type is part of the key: no q8_0 state is reused
-    assert f16.load_prelude(tokens, "p").source == "computed"
+    assert f16.prepare_prelude(tokens, "p").source == "computed"
 
 
 def test_bench_quick_runs_and_writes_every_figure(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cached_prompts.runner import Runner
+from cached_prompts.local_backend import LocalBackend as Runner
 
-from .conftest import PRELUDE, age_tree, prompt_for, write
+from .conftest import PRELUDE, age_tree, generate, prompt_for, write
 
 OUTPUTS = "test_prompts_outputs"
 
@@ -60,7 +60,7 @@ def test_deterministic_output_matches_uncached_engine(cli, workspace: Path, make
     prelude = runner.prelude_tokens(PRELUDE, "p")
     from .conftest import GREEDY
 
-    expected = runner.generate(prelude, runner.prompt_tokens(prompt_for("river")),
+    expected = generate(runner, prelude, runner.joint_tokens(PRELUDE, prompt_for("river")),
                                GREEDY.model_copy(update={"max_tokens": 5}), [None], label="p")[0]
     assert written == expected
 

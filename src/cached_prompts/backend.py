@@ -137,7 +137,7 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 def reusable_length(prelude: Sequence[int], full: Sequence[int]) -> int:
     """How many tokens of a prelude's stored state (`prelude[:-1]`) a request with joint
     tokens `full` can start from."""
-    return common_prefix_length(prelude[:-1], full)
+    return min(common_prefix_length(prelude[:-1], full), len(full) - 1)
 
 
 class Backend(ABC):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import types
@@ -12,10 +11,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from . import cache_admin, commands
+from . import cache_admin, commands, token_stats
+from .backend import Backend
+from .backends import open_backend
 from .errors import CachedPromptsError, OptionsError
 from .options import OPTION_MODELS, EngineOptions, SamplingOptions, split_by_model
-from .runner import Runner
 from .workspace import Workspace
 
 log = logging.getLogger("cached_prompts")
@@ -31,6 +31,7 @@ COMMANDS = {
     "outputs-test-prompts": "write answers per test prompt to test_prompts_outputs/",
     "show-stats-on-tokens-number": "show how many tokens every file and combination takes",
     "stdio-json-repl": "serve JSON requests on stdin, one response line per request on stdout",
+    "report": "write report.html: every prompt with its outputs side by side, in one page",
 }
 
 
@@ -53,6 +54,8 @@ def _arg_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None]:
 def _add_option_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     for name, info in model.model_fields.items():
         extra = info.json_schema_extra or {}
+        if "flag" not in extra:
+            continue  # set by a command's own flag (report: --report)
         arg_type, choices = _arg_type(info.annotation)
         default = info.get_default(call_default_factory=True)
         help_text = f"{extra['help']} (default: {default})" if default not in (None, []) else extra["help"]
@@ -95,11 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="sampled answers per input (default: 5)")
             command.add_argument("-f", "--force-outputs", action="store_true",
                                  help="regenerate outputs even if they are up to date")
+            command.add_argument("--report", action="store_true", default=argparse.SUPPRESS,
+                                 help="refresh report.html at the end (also: report = true in cached-prompts.toml)")
         if name == "outputs-test-prompts":
             command.add_argument("-d", "--deterministic", action="store_true",
                                  help="one greedy (temperature 0) answer per prompt instead")
         if name == "show-stats-on-tokens-number":
             command.add_argument("--json", action="store_true", help="print the numbers as JSON")
+        if name == "report":
+            command.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
+                                 help="where to write the page (default: report.html at the workspace root)")
+            command.add_argument("--open", action="store_true", help="open the page in the web browser")
     _add_cache_command(sub, common)
     return parser
 
@@ -181,6 +190,7 @@ def run_command(args: argparse.Namespace) -> int:
     workspace = Workspace(Path(getattr(args, "root", Path.cwd())).resolve())
     workspace.check_exists()
     engine_options, sampling = resolve_options(args, workspace)
+    verbose = getattr(args, "verbose", False)
     if args.command == "cache":
         print(cache_admin.run(args.cache_action, workspace.cache_dir, engine_options,
                               max_size=getattr(args, "max_size", None), as_json=args.json))
@@ -188,68 +198,53 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "stdio-json-repl":
         from .repl import serve
 
-        return serve(engine_options, sampling, workspace, verbose=getattr(args, "verbose", False))
-    runner = Runner(engine_options, workspace.cache_dir, verbose=getattr(args, "verbose", False))
-    try:
-        return _dispatch(args, workspace, runner, sampling)
-    finally:
-        runner.close()
+        return serve(engine_options, sampling, workspace, verbose=verbose)
+    with open_backend(engine_options, workspace, verbose=verbose) as backend:
+        return _dispatch(args, workspace, backend, sampling, refresh_report=engine_options.report)
 
 
-def _dispatch(args: argparse.Namespace, workspace: Workspace, runner: Runner, sampling: SamplingOptions) -> int:
+def _dispatch(args: argparse.Namespace, workspace: Workspace, backend: Backend, sampling: SamplingOptions, *,
+              refresh_report: bool = False) -> int:
+    if args.command == "report":
+        _write_report(args, workspace, backend, [])
+        return 0
     if args.command == "show-stats-on-tokens-number":
-        stats = commands.token_stats(workspace, runner)
-        print(render_stats_json(stats) if args.json else render_stats(stats))
+        stats = token_stats.token_stats(workspace, backend)
+        print(token_stats.render_json(stats) if args.json else token_stats.render_text(stats))
         return 0
     if args.command == "precache-preludes":
-        report = commands.precache_preludes(workspace, runner)
+        report = commands.precache_preludes(workspace, backend)
         log.info("preludes: %d computed, %d already cached, %d skipped",
                  len(report.written), len(report.up_to_date), len(report.skipped))
     else:
         if args.n < 1:
             raise OptionsError(f"-n {args.n}: the number of answers must be at least 1")
         if args.command == "outputs-for-drafts":
-            report = commands.outputs_for_drafts(workspace, runner, sampling, args.n, args.force_outputs)
+            report = commands.outputs_for_drafts(workspace, backend, sampling, args.n, args.force_outputs)
         else:
-            report = commands.outputs_test_prompts(workspace, runner, sampling, args.n,
+            report = commands.outputs_test_prompts(workspace, backend, sampling, args.n,
                                                    args.deterministic, args.force_outputs)
         log.info("outputs: %d written; inputs: %d up to date, %d skipped",
                  len(report.written), len(report.up_to_date), len(report.skipped))
+        if refresh_report:
+            _write_report(args, workspace, backend, report.skipped)
     return 1 if report.skipped else 0
 
 
-# ----- rendering ------------------------------------------------------------------------------
+def _write_report(args: argparse.Namespace, workspace: Workspace, backend: Backend,
+                  skipped: list[tuple[Path, str]]) -> None:
+    from . import report as report_page
 
+    output = getattr(args, "output", None)
+    path = report_page.refresh_report(workspace, backend, output.resolve() if output else None, skipped=skipped)
+    if args.command == "report":
+        print(path)
+        if args.open:
+            import webbrowser
 
-def render_stats(stats: commands.TokenStats) -> str:
-    lines = [f"Context length: {stats.context_length}"]
-    for folder, files in stats.folders.items():
-        lines.append(f"\n{folder}/")
-        for item in files:
-            if item.tokens is None:
-                lines.append(f"  {item.name}: unreadable ({item.problem})")
-                continue
-            lines.append(f"  {item.name}: {item.tokens}")
-            if item.problem:
-                lines.append(f"    ! {item.problem}")
-            base = item.with_prelude
-            if item.prelude:
-                lines.append(f"    - with its prelude \"{item.prelude[0]}\": "
-                             f"{item.prelude[1]} + {item.tokens} = {base}{_over(base, stats)}")
-            for name, count in item.outputs:
-                total = count + base
-                lines.append(f"    * with its output \"{name}\": {count} + {base} = {total}{_over(total, stats)}")
-    return "\n".join(lines)
-
-
-def _over(total: int, stats: commands.TokenStats) -> str:
-    return f"  (over the context by {total - stats.context_length})" if total > stats.context_length else ""
-
-
-def render_stats_json(stats: commands.TokenStats) -> str:
-    from dataclasses import asdict
-
-    return json.dumps(asdict(stats), ensure_ascii=False, indent=1)
+            webbrowser.open(path.as_uri())
+    else:
+        log.info("report: %s", path)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The decode loop: several sequences sampled together from shared prefixes.
 
 Sequence 0 of the context holds the prelude. A wave is one or more branches, one per prompt:
-the branch's prompt is decoded into its first sequence (built on sequence 0's prelude),
+the branch's tail (what its joint tokens add to the reused prelude state) is decoded into its
+first sequence, built on a copy of sequence 0's cells,
 its outputs share that KV through `llama_memory_seq_cp` (cells shared, not copied), and each
 output has its own sequence, sampler chain and seed. The first token of a branch's outputs
 is sampled right after its prompt is decoded (the next decode overwrites those logits);
@@ -15,10 +16,10 @@ import codecs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .backend import Completion, StepCallback
 from .engine import Context, Model, SamplerChain
 from .options import SamplingOptions
 
-StepCallback = Callable[[int], None]
 TailDecoder = Callable[[int, int], None]  # (branch index, sequence) -> decode that branch's prompt
 
 
@@ -62,12 +63,12 @@ class Branch:
 class _Output:
     """One sequence being generated; `token` is the last sampled one, decoded next."""
 
-    __slots__ = ("seq", "chain", "collector", "position", "left", "token")
+    __slots__ = ("seq", "seed", "chain", "collector", "position", "left", "token", "count")
 
-    def __init__(self, seq: int, chain: SamplerChain, collector: TextCollector, position: int,
-                 budget: int) -> None:
-        self.seq, self.chain, self.collector = seq, chain, collector
-        self.position, self.left, self.token = position, budget, -1
+    def __init__(self, seq: int, seed: int | None, chain: SamplerChain, collector: TextCollector,
+                 position: int, budget: int) -> None:
+        self.seq, self.seed, self.chain, self.collector = seq, seed, chain, collector
+        self.position, self.left, self.token, self.count = position, budget, -1, 0
 
     def take(self, token: int, model: Model) -> bool:
         """Record a sampled token; True if it is part of the text (then `left` says
@@ -76,27 +77,29 @@ class _Output:
             self.left = 0
             return False
         self.left -= 1
+        self.count += 1
         self.token = token
         return True
 
 
 def generate_branches(context: Context, model: Model, branches: Sequence[Branch], sampling: SamplingOptions,
-                      decode_tail: TailDecoder, on_step: StepCallback | None = None) -> list[list[str]]:
-    """Texts per branch, per seed. Sequences are numbered from 0 in branch order;
-    `decode_tail(b, seq)` must leave branch b's prompt in `seq` and its logits at row -1."""
+                      decode_tail: TailDecoder, *, first_seq: int = 0,
+                      on_step: StepCallback | None = None) -> list[list[Completion]]:
+    """Completions per branch, per seed. Sequences are numbered from `first_seq` in branch
+    order; `decode_tail(b, seq)` must leave branch b's tail in `seq` and its logits at row -1."""
     outputs: list[_Output] = []
     live: list[_Output] = []
     try:
         for index, branch in enumerate(branches):
-            first = len(outputs)
+            first = first_seq + len(outputs)
             decode_tail(index, first)
             live += _start_branch(context, model, branch, sampling, first, outputs, on_step)
         _decode_loop(context, model, live, on_step)
     finally:
         for output in outputs:
             output.chain.close()
-    texts = iter([o.collector.text for o in outputs])
-    return [[next(texts) for _ in branch.seeds] for branch in branches]
+    completions = iter([Completion(o.collector.text, o.count, o.seed) for o in outputs])
+    return [[next(completions) for _ in branch.seeds] for branch in branches]
 
 
 def _start_branch(context: Context, model: Model, branch: Branch, sampling: SamplingOptions, first: int,
@@ -110,7 +113,7 @@ def _start_branch(context: Context, model: Model, branch: Branch, sampling: Samp
         if k:
             context.seq_copy(first, seq)
         chain = SamplerChain(model, sampling if seed is not None else sampling.as_greedy(), seed or 0)
-        output = _Output(seq, chain, TextCollector(sampling.stop), branch.position, branch.budget)
+        output = _Output(seq, seed, chain, TextCollector(sampling.stop), branch.position, branch.budget)
         outputs.append(output)
         chain.remember(recent)
         if output.take(chain.sample(context, -1), model):

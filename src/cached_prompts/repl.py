@@ -2,11 +2,11 @@
 
 `Session.handle_request` turns one line into one response dict and never raises (except on
 KeyboardInterrupt); `serve` is only the loop around it. The wire format and argument
-validation live in protocol.py.
+validation live in protocol.py. The session speaks only to a `Backend`.
 
-External preludes (those a client sends with a `prelude_id`) are cache entries of kind
-"external" labelled with the id. The runner finds a cached state by its tokens, whatever
-the label; the session additionally makes sure every id has its own entry, so that
+External preludes (those a client sends with a `prelude_id`) are stored by the backend as
+preludes of kind EXTERNAL labelled with the id (`Backend.keep_prelude`): a state is found by
+its tokens, whatever the label, and every id additionally gets its own stored entry, so that
 `list_preludes` shows it and a new text for an id replaces that id's old entry.
 """
 
@@ -17,39 +17,31 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
-from importlib import metadata
 from typing import Any, BinaryIO
 
-import llama_cpp
-
 from . import protocol
-from .cache import meta_file
+from .backend import Backend, GenerationRequest, PreludeKind, PromptJob
+from .backends import open_backend
 from .commands import seeds_for
-from .errors import CacheError, CachedPromptsError, ProtocolError
+from .errors import CachedPromptsError, ProtocolError
+from .local_backend import package_version
 from .options import EngineOptions, SamplingOptions
 from .protocol import MAX_LINE_BYTES, NO_ID
-from .runner import PreludeLoad, Runner
 from .workspace import DETERMINISTIC, Workspace
 
 log = logging.getLogger(__name__)
 
-EXTERNAL = "external"
 SKIP_CHUNK = 1 << 16
 
 
 class Session:
-    """The state of one REPL: a runner (model, context, cache) and the default sampling."""
+    """The state of one REPL: a backend and the default sampling."""
 
-    def __init__(self, runner: Runner, defaults: SamplingOptions) -> None:
-        if runner.cache is None:
-            raise CacheError("the JSON service needs a cache folder; create the runner with one")
-        self.runner = runner
-        self.cache = runner.cache
+    def __init__(self, backend: Backend, defaults: SamplingOptions) -> None:
+        self.backend = backend
         self.defaults = defaults
         self.finished = False
         self.last_source = ""  # where the last request's prelude state came from (for tests)
-        self._registered: dict[str, tuple[list[int], str]] = {}  # id -> (tokens, entry name)
         self._commands: dict[str, tuple[type[protocol.Arguments], Callable[[Any], Any]]] = {
             "single_prompt": (protocol.SinglePromptArguments, self._single_prompt),
             "count_tokens": (protocol.CountTokensArguments, self._count_tokens),
@@ -91,51 +83,45 @@ class Session:
                                 "add_nonrandom_output_to_front is false, so nothing would be "
                                 "generated; ask for at least one output")
         prelude = self._prelude_tokens(args.prelude_id, args.prelude)
-        prompt = self.runner.prompt_tokens(args.prompt)
-        self.runner.check_fits(prelude, prompt)
-        # Only the first use of an id loads here, to register it; then generate() finds the
-        # state in memory. Afterwards generate() alone loads it.
-        source = None
-        if not self._is_registered(args.prelude_id, prelude):
-            source = self._load(args.prelude_id, prelude).source
+        full = self.backend.joint_tokens(args.prelude, args.prompt)
+        self.backend.check_fits(prelude, full)
         keys: list[int | str] = [DETERMINISTIC] if args.add_nonrandom_output_to_front else []
         keys += range(args.number_of_random_outputs)
-        outputs = self.runner.generate(prelude, prompt, sampling, seeds_for(keys, sampling),
-                                       label=args.prelude_id, kind=EXTERNAL)
-        self.last_source = source or self.runner.counters.sources[-1]
-        return outputs
+        request = GenerationRequest(prelude, [PromptJob(full, seeds_for(keys, sampling))], sampling,
+                                    args.prelude_id, kind=PreludeKind.EXTERNAL)
+        completions = self.backend.generate(request)[0]
+        self.last_source = self.backend.counters.sources[-1]
+        self.backend.keep_prelude(args.prelude_id, prelude, PreludeKind.EXTERNAL)
+        return [c.text for c in completions]
 
     def _count_tokens(self, args: protocol.CountTokensArguments) -> int:
-        return self.runner.count_tokens(args.text, at_start=args.as_prelude)
+        return self.backend.count_tokens(args.text, at_start=args.as_prelude)
 
     def _precache(self, args: protocol.PrecacheArguments) -> dict[str, Any]:
         tokens = self._prelude_tokens(args.prelude_id, args.prelude)
-        load = self._load(args.prelude_id, tokens)
-        self.last_source = load.source
-        return {"prelude_id": args.prelude_id, "tokens": len(tokens), "source": load.source}
+        load = self.backend.prepare_prelude(tokens, args.prelude_id, kind=PreludeKind.EXTERNAL)
+        self.backend.keep_prelude(args.prelude_id, tokens, PreludeKind.EXTERNAL)
+        self.last_source = load.source.value
+        return {"prelude_id": args.prelude_id, "tokens": len(tokens), "source": load.source.value}
 
     def _list_preludes(self, args: protocol.NoArguments) -> list[dict[str, Any]]:
-        entries = sorted((e for e in self.cache.entries() if e.kind == EXTERNAL), key=lambda e: e.label)
-        return [{"prelude_id": e.label, "tokens": e.n_tokens, "bytes": e.state_bytes} for e in entries]
+        return [{"prelude_id": p.label, "tokens": p.tokens, "bytes": p.bytes}
+                for p in self.backend.kept_preludes(PreludeKind.EXTERNAL)]
 
     def _drop_prelude(self, args: protocol.DropPreludeArguments) -> int:
         """Entries of the id for any model or settings; the number removed."""
-        self._registered.pop(args.prelude_id, None)
-        dropped = [e for e in self.cache.entries(all_settings=True)
-                   if e.kind == EXTERNAL and e.label == args.prelude_id]
-        for entry in dropped:
-            self.cache.remove(entry)
-        return len(dropped)
+        return self.backend.drop_prelude(args.prelude_id, PreludeKind.EXTERNAL)
 
     def _info(self, args: protocol.NoArguments) -> dict[str, Any]:
-        counters = {k: v for k, v in asdict(self.runner.counters).items() if k != "sources"}
-        counters.update(cache_disk_reads=self.cache.disk_reads, cache_disk_writes=self.cache.disk_writes)
+        described = self.backend.describe()
+        counters = self.backend.counters.public()
+        counters.update(cache_disk_reads=described.pop("cache_disk_reads", 0),
+                        cache_disk_writes=described.pop("cache_disk_writes", 0))
         return {
-            "model_path": str(self.runner.model.path),
-            "context_length": self.runner.n_ctx,
-            "version": _package_version(),
-            "llama_cpp_python_version": llama_cpp.__version__,
-            "cache_dir": str(self.cache.folder),
+            **described,
+            "model": self.backend.model_name,
+            "context_length": self.backend.n_ctx,
+            "version": package_version(),
             "commands": self.commands,
             "limits": {"max_line_bytes": MAX_LINE_BYTES,
                        "max_json5_line_bytes": protocol.MAX_JSON5_BYTES,
@@ -165,39 +151,7 @@ class Session:
     def _prelude_tokens(self, prelude_id: str, text: str) -> list[int]:
         if not text:
             raise ProtocolError(f"the prelude of '{prelude_id}' is empty; send its text in 'prelude'")
-        return self.runner.prelude_tokens(text, f"the prelude '{prelude_id}'")
-
-    def _load(self, prelude_id: str, tokens: list[int]) -> PreludeLoad:
-        """Put the prelude's state into the context and make sure the id has its own entry."""
-        load = self.runner.load_prelude(tokens, prelude_id, kind=EXTERNAL)
-        if not self._is_registered(prelude_id, tokens):
-            self._register(prelude_id, tokens, load)
-        return load
-
-    def _is_registered(self, prelude_id: str, tokens: list[int]) -> bool:
-        if len(tokens) < 2:
-            return True  # a one-token prelude has no state to store (see runner.py)
-        known = self._registered.get(prelude_id)
-        # The entry may have been evicted or dropped by another process meanwhile.
-        return known is not None and known[0] == tokens and meta_file(self.cache.folder, known[1]).is_file()
-
-    def _register(self, prelude_id: str, tokens: list[int], load: PreludeLoad) -> None:
-        entry = load.entry
-        if entry is None or entry.label != prelude_id or entry.kind != EXTERNAL:
-            entry = next((e for e in self.cache.entries()
-                          if e.label == prelude_id and e.kind == EXTERNAL and e.tokens == tokens), None)
-        if entry is None:
-            # The state came from another id's entry or from memory; right after
-            # load_prelude sequence 0 holds exactly this prelude's stored part.
-            entry = self.cache.store(prelude_id, EXTERNAL, tokens, self.runner.context.seq_state(0))
-        self._registered[prelude_id] = (list(tokens), entry.name)
-
-
-def _package_version() -> str:
-    try:
-        return metadata.version("cached-prompts")
-    except metadata.PackageNotFoundError:
-        return "unknown (package not installed)"
+        return self.backend.prelude_tokens(text, f"the prelude '{prelude_id}'")
 
 
 # ----- the loop ----------------------------------------------------------------------------------
@@ -258,14 +212,11 @@ def run_loop(session: Session, stdin: BinaryIO, stdout: BinaryIO) -> int:
 
 
 def serve(engine_options: EngineOptions, sampling: SamplingOptions, workspace: Workspace, *,
-          verbose: bool = False) -> int:
+          verbose: bool = False, server_options: Any = None) -> int:
     """Run the JSON service on the process's stdin and stdout; the exit status."""
     with contextlib.suppress(AttributeError, ValueError):
         sys.stderr.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     with response_channel() as channel:
-        runner = Runner(engine_options, workspace.cache_dir, verbose=verbose)
-        try:
+        with open_backend(engine_options, workspace, verbose=verbose, server_options=server_options) as backend:
             log.info("stdio-json-repl ready: one JSON5 request per line on stdin")
-            return run_loop(Session(runner, sampling), sys.stdin.buffer, channel)
-        finally:
-            runner.close()
+            return run_loop(Session(backend, sampling), sys.stdin.buffer, channel)
