@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts import engine, runner as runner_module
+from cached_prompts import engine, local_backend
 from cached_prompts.cache import META_SUFFIX, STATE_SUFFIX, folder_size, settings_key_of, tokens_digest
 from cached_prompts.options import EngineOptions, build_options, parse_size
 
@@ -69,7 +69,7 @@ def test_list_does_not_load_the_model(cached: Path, cli, monkeypatch: pytest.Mon
         raise AssertionError("cache list must not load the model")
 
     monkeypatch.setattr(engine.Model, "__init__", refuse)
-    monkeypatch.setattr(runner_module.Runner, "__init__", refuse)
+    monkeypatch.setattr(local_backend.LocalBackend, "__init__", refuse)
     for action in ("list", "size"):
         code, out, err = cli(cached, "cache", action)
         assert code == 0 and out, err
@@ -133,3 +133,41 @@ def test_sizes_are_parsed_in_powers_of_1024(text: str, expected: int) -> None:
 def test_the_size_option_takes_bytes_from_the_config_and_defaults_to_4g() -> None:
     assert EngineOptions().cache_max_bytes == 4 << 30
     assert build_options(EngineOptions, {"cache_max_size": 123456}, "test").cache_max_bytes == 123456
+
+
+def _plant_unreadable_entries(cache: Path) -> dict[str, str]:
+    """An entry of a newer format and one with damaged metadata; name -> why it is unreadable."""
+    (newest,) = [n for n in entry_names(cache) if n.startswith("dictionary-long.")]
+    meta = cache / f"{newest}{META_SUFFIX}"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"format": 99}))
+    damaged = f"damaged.{'b' * 20}"
+    (cache / f"{damaged}{META_SUFFIX}").write_text("{not json")
+    shutil.copy(cache / f"{newest}{STATE_SUFFIX}", cache / f"{damaged}{STATE_SUFFIX}")
+    return {newest: "format 99", damaged: "unreadable metadata"}
+
+
+def test_list_and_size_never_remove_entries_they_cannot_read(cached: Path, cli) -> None:
+    cache = cached / "llm_cache"
+    unreadable = _plant_unreadable_entries(cache)
+    files = sorted(p.name for p in cache.iterdir())
+    code, out, err = cli(cached, "cache", "list", "--json")
+    assert code == 0, err
+    items = {item["name"]: item for item in json.loads(out)}
+    for name, why in unreadable.items():
+        assert items[name]["usable"] is False and why in items[name]["problem"]
+        assert items[name]["size_bytes"] > 0
+    (readable,) = [n for n in entry_names(cache) if n.startswith("dictionary.")]
+    assert items[readable]["problem"] == "" and items[readable]["usable"] is True
+    code, out, err = cli(cached, "cache", "list")
+    assert code == 0 and "2 unreadable" in out.splitlines()[-1], out
+    assert all(any(name.split(".")[0] in line and "unreadable" in line for line in out.splitlines())
+               for name in unreadable)
+    code, out, err = cli(cached, "cache", "size", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["entries"] == 2 and report["unreadable"] == 2
+    code, out, err = cli(cached, "cache", "size")
+    assert code == 0 and "2 unreadable" in out
+    assert sorted(p.name for p in cache.iterdir()) == files
+    assert "removed" not in err and "is invalid" not in err
+    code, out, err = cli(cached, "cache", "clear")
+    assert code == 0 and entry_names(cache) == [] and not list(cache.glob(f"*{STATE_SUFFIX}"))

@@ -22,8 +22,8 @@ import pytest
 from .conftest import CHATML_SYSTEM, PRELUDE, age, prompt_for, write
 
 from cached_prompts import locks
-from cached_prompts.cache import (META_SUFFIX, STATE_SUFFIX, CacheStore, StateSettings,
-                                  entry_lock_path, folder_size, parse_meta)
+from cached_prompts.cache import (FOLDER_LOCK, META_SUFFIX, STATE_SUFFIX, CacheStore, StateSettings,
+                                  clear_folder, entry_lock_path, folder_size, parse_meta, tokens_digest)
 from cached_prompts.fsutil import TEMP_PREFIX, TEMP_SUFFIX
 
 MAX_TOKENS = ("--max-tokens", "8")
@@ -480,3 +480,122 @@ def test_a_context_too_small_for_a_prelude_skips_only_that_prelude(tmp_path: Pat
     assert len(error_lines(err)) == 2 and all("raise --lp-n-ctx" in line for line in error_lines(err))
     labels = sorted(n.rsplit(".", 1)[0] for n in entry_names(root / "llm_cache"))
     assert labels == ["dictionary", "dictionary-long"]
+
+
+# ----- files planted in the cache folder -----------------------------------------------------
+
+FAKE_SETTINGS = StateSettings("0" * 64, "f16", "test")
+# A reader that would take the whole of /dev/zero or a huge file fails fast under this limit.
+MEMORY_LIMIT = 1 << 30
+READER = """
+import sys
+from pathlib import Path
+from cached_prompts import cache_admin
+from cached_prompts.cache import CacheStore, StateSettings
+folder, action = Path(sys.argv[1]), sys.argv[2]
+store = CacheStore(folder, StateSettings("0" * 64, "f16", "test"))
+if action == "list":
+    print(cache_admin.render_list(folder, cache_admin.list_entries(folder, None), False))
+    print(cache_admin.render_size(cache_admin.size_report(folder, 1 << 30), False))
+elif action == "entries":
+    print(len(store.entries()))
+else:
+    print(store.load_state(store.find_exact([1, 2, 3])))
+"""
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def run_reader(folder: Path, action: str) -> subprocess.CompletedProcess[str]:
+    """Read the cache in a child with bounded memory; a hang fails the test at the timeout."""
+    return subprocess.run([sys.executable, "-c", READER, str(folder), action], capture_output=True,
+                          text=True, timeout=60, preexec_fn=_limit_memory)
+
+
+def plant(path: Path, kind: str, tmp_path: Path) -> None:
+    path.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "huge sparse file":
+        with open(path, "wb") as handle:
+            handle.truncate(8 << 30)
+    elif kind == "link to a copy":
+        outside = tmp_path / "outside-copy"
+        outside.write_bytes(b"{}")
+        path.symlink_to(outside)
+    else:
+        raise ValueError(kind)
+
+
+def test_lock_files_planted_as_links_create_nothing_outside(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    cache, outside = tmp_path / "ws" / "llm_cache", tmp_path / "outside"
+    outside.mkdir()
+    tokens = [1, 2, 3]
+    entry_lock = entry_lock_path(cache, tokens_digest(FAKE_SETTINGS.key(), tokens))
+    entry_lock.parent.mkdir(parents=True)
+    entry_lock.symlink_to(outside / "entry.lock")
+    (cache / FOLDER_LOCK).symlink_to(outside / "folder.lock")
+    store = CacheStore(cache, FAKE_SETTINGS)
+    entry = store.store("p", "prelude", tokens, b"s" * 100)  # takes both locks
+    assert list(outside.iterdir()) == []
+    assert not (cache / FOLDER_LOCK).is_symlink() and not entry_lock.is_symlink()
+    assert CacheStore(cache, FAKE_SETTINGS).load_state(entry) == b"s" * 100
+    assert any("not a regular file" in r.getMessage() for r in caplog.records)
+    (cache / FOLDER_LOCK).unlink()
+    (cache / FOLDER_LOCK).symlink_to(outside / "folder.lock")
+    assert [e.label for e in clear_folder(cache)] == ["p"]
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "huge sparse file", "link to a copy"])
+def test_planted_metadata_neither_hangs_nor_floods_memory_and_only_use_removes_it(
+        tmp_path: Path, kind: str) -> None:
+    cache = tmp_path / "cache"
+    CacheStore(cache, FAKE_SETTINGS).store("good", "prelude", [1, 2], b"s" * 100)
+    planted = cache / f"planted.{'a' * 20}{META_SUFFIX}"
+    plant(planted, kind, tmp_path)
+    (cache / f"planted.{'a' * 20}{STATE_SUFFIX}").write_bytes(b"s" * 100)  # not a mere leftover
+    listed = run_reader(cache, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "good" in listed.stdout and "planted" in listed.stdout and "unreadable" in listed.stdout
+    assert planted.is_symlink() or planted.exists()  # read-only commands remove nothing
+    used = run_reader(cache, "entries")
+    assert used.returncode == 0 and used.stdout.strip() == "1", used.stderr
+    assert not planted.is_symlink() and not planted.exists()
+    assert "not a regular file" in used.stderr or "larger than" in used.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "huge sparse file", "link to a copy"])
+def test_a_planted_state_file_is_read_no_further_than_its_metadata_promises(tmp_path: Path, kind: str) -> None:
+    cache = tmp_path / "cache"
+    entry = CacheStore(cache, FAKE_SETTINGS).store("p", "prelude", [1, 2, 3], b"s" * 4096)
+    plant(cache / f"{entry.name}{STATE_SUFFIX}", kind, tmp_path)
+    loaded = run_reader(cache, "load")
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "None" and "is invalid" in loaded.stderr
+    assert entry_names(cache) == []
+
+
+def test_touching_an_entry_whose_metadata_became_a_link_touches_nothing_outside(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    store = CacheStore(cache, FAKE_SETTINGS)
+    entry = store.store("p", "prelude", [1, 2, 3], b"s" * 100)
+    meta = cache / f"{entry.name}{META_SUFFIX}"
+    outside = tmp_path / "outside.json"
+    shutil.copy(meta, outside)
+    age(outside, 1000)
+    before = outside.stat().st_mtime_ns
+    meta.unlink()
+    meta.symlink_to(outside)
+    store.touch(entry)
+    assert store.load_state(entry) == b"s" * 100  # from memory; touches the entry again
+    assert outside.stat().st_mtime_ns == before
+    assert CacheStore(cache, FAKE_SETTINGS).find_exact([1, 2, 3]) is None  # a link is not an entry
+    assert outside.stat().st_mtime_ns == before and not meta.is_symlink()

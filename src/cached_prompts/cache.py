@@ -5,9 +5,14 @@ An entry is two files named `<label>.<digest>`:
   - `.meta.json` metadata: format version, state settings (model fingerprint, KV type, llama.cpp
             version), the prelude's tokens, and the size and SHA-256 of the `.kv` file.
 The `.kv` file is written first and the `.meta.json` last, both atomically, so an entry exists
-only once it is complete; removal goes the other way. An entry that fails any check is
-reported, removed and never used. The metadata file's mtime records when the entry was last
-used; the folder is kept under a size limit by evicting the least recently used entries.
+only once it is complete; removal goes the other way. An entry that fails any check is never
+used: a run that meets it removes it (it is recomputed), read-only commands only report it.
+The metadata file's mtime records when the entry was last used; the folder is kept under a
+size limit by evicting the least recently used entries.
+
+The folder is untrusted (fsutil.py): files are opened without following links and must be
+regular, metadata is read up to META_MAX_BYTES and a state file up to the size its metadata
+promises, so a planted link, FIFO or device neither hangs a reader nor exhausts its memory.
 
 Locks (see locks.py): `.locks/<digest>.lock` is held while one process checks, computes and
 stores an entry, so another process needing the same prelude waits and then reuses it;
@@ -21,6 +26,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from array import array
 from collections import OrderedDict
@@ -31,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from . import locks
-from .errors import CacheError
-from .fsutil import atomic_write, atomic_write_text, remove_stale_temp_files
+from .errors import CacheError, CacheWriteError
+from .fsutil import (NotRegularFileError, atomic_write, atomic_write_text, open_regular, read_regular,
+                     remove_stale_temp_files)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,8 @@ DEFAULT_HOT_BYTES = 1 << 30
 DEFAULT_MAX_BYTES = 4 << 30
 LOCKS_DIR = ".locks"
 FOLDER_LOCK = ".lock"
+# Metadata is mostly the token list, about 8 bytes a token: room for 4M tokens.
+META_MAX_BYTES = 32 << 20
 _LOCAL_FIELDS = ("name", "last_used", "meta_inode")  # known from the files, not stored
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -132,10 +141,12 @@ def parse_meta(path: Path) -> Entry:
     """The entry described by a `.meta.json` file; raises InvalidEntry if any check of the
     metadata fails, FileNotFoundError if it was removed meanwhile."""
     try:
-        raw = json.loads(path.read_text("utf-8"))
-        stat = path.stat()
+        data, info = read_regular(path, META_MAX_BYTES)
+        raw = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise
+    except NotRegularFileError as error:
+        raise InvalidEntry(f"unreadable metadata (it {error.strerror})") from None
     except (OSError, ValueError) as error:
         raise InvalidEntry(f"unreadable metadata ({error})") from None
     if not isinstance(raw, dict) or any(key in raw for key in _LOCAL_FIELDS):
@@ -143,8 +154,8 @@ def parse_meta(path: Path) -> Entry:
     if raw.get("format") != FORMAT_VERSION:
         raise InvalidEntry(f"format {raw.get('format')!r}, this version reads {FORMAT_VERSION}")
     try:
-        entry = Entry(**raw, name=path.name[: -len(META_SUFFIX)], last_used=stat.st_mtime,
-                      meta_inode=stat.st_ino)
+        entry = Entry(**raw, name=path.name[: -len(META_SUFFIX)], last_used=info.st_mtime,
+                      meta_inode=info.st_ino)
     except TypeError as error:
         raise InvalidEntry(f"metadata fields are wrong ({error})") from None
     problem = _metadata_problem(entry)
@@ -186,12 +197,20 @@ def remove_entry_files(folder: Path, name: str) -> None:
                              "make the cache folder writable") from None
 
 
-def scan(folder: Path, on_invalid: Callable[[str, str], None] | None = None) -> list[Entry]:
+InvalidHandler = Callable[[str, str], None]  # (entry name, reason)
+
+
+def remover(folder: Path) -> InvalidHandler:
+    """An `on_invalid` for scan that removes failing entries with a warning: for runs and
+    for commands whose job is removing (prune, clear), never for read-only ones."""
+    return lambda name, reason: discard(folder, name, reason)
+
+
+def scan(folder: Path, on_invalid: InvalidHandler) -> list[Entry]:
     """Every entry of the folder whose metadata passes the checks, any settings, by name.
-    Entries that fail are passed to `on_invalid` (default: removed with a warning)."""
+    Entries that fail are passed to `on_invalid` (`remover(folder)` to remove them)."""
     if not folder.is_dir():
         return []
-    report = on_invalid or (lambda name, reason: discard(folder, name, reason))
     found = []
     for path in sorted(folder.glob(f"*{META_SUFFIX}")):
         try:
@@ -199,7 +218,7 @@ def scan(folder: Path, on_invalid: Callable[[str, str], None] | None = None) -> 
         except FileNotFoundError:
             continue
         except InvalidEntry as problem:
-            report(path.name[: -len(META_SUFFIX)], str(problem))
+            on_invalid(path.name[: -len(META_SUFFIX)], str(problem))
     return found
 
 
@@ -219,26 +238,27 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 def entry_size(folder: Path, entry: Entry) -> int:
-    total = 0
-    for path in (meta_file(folder, entry.name), state_file(folder, entry.name)):
-        try:
-            total += path.stat().st_size
-        except FileNotFoundError:
-            pass
-    return total
+    return files_size(folder, entry.name)
+
+
+def files_size(folder: Path, name: str) -> int:
+    """Bytes of the regular files of the entry `name` (a link counts nothing)."""
+    return sum(_regular_size(path) for path in (meta_file(folder, name), state_file(folder, name)))
+
+
+def _regular_size(path: Path | str) -> int:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    return info.st_size if stat.S_ISREG(info.st_mode) else 0
 
 
 def folder_size(folder: Path) -> int:
-    """Bytes of every file in the cache folder, entries and bookkeeping alike."""
-    if not folder.is_dir():
-        return 0
+    """Bytes of every regular file in the cache folder, entries and bookkeeping alike."""
     total = 0
-    for path in folder.rglob("*"):
-        try:
-            if path.is_file():
-                total += path.stat().st_size
-        except FileNotFoundError:
-            pass
+    for parent, _, names in os.walk(folder):  # links to folders are not followed
+        total += sum(_regular_size(os.path.join(parent, name)) for name in names)
     return total
 
 
@@ -261,7 +281,8 @@ def remove_leftovers(folder: Path) -> list[str]:
     for name in sorted(metas ^ states):
         with locks.held(entry_lock_path(folder, name.rsplit(".", 1)[-1]), blocking=False,
                         remove=True) as free:
-            has_meta, has_state = meta_file(folder, name).exists(), state_file(folder, name).exists()
+            has_meta = os.path.lexists(meta_file(folder, name))
+            has_state = os.path.lexists(state_file(folder, name))
             if not free or has_meta == has_state:
                 continue
             if has_meta:
@@ -283,7 +304,7 @@ def evict_lru(folder: Path, max_bytes: int,
         removed: list[Entry] = []
         if total <= max_bytes:
             return removed, total
-        for entry in sorted(scan(folder), key=lambda e: (e.last_used, e.name)):
+        for entry in sorted(scan(folder, remover(folder)), key=lambda e: (e.last_used, e.name)):
             if total <= max_bytes:
                 break
             if entry.name in keep:
@@ -297,7 +318,7 @@ def evict_lru(folder: Path, max_bytes: int,
 def clear_folder(folder: Path) -> list[Entry]:
     """Remove every entry (any settings) and every leftover of interrupted runs."""
     with folder_lock(folder):
-        entries = scan(folder)
+        entries = scan(folder, remover(folder))
         for entry in entries:
             remove_entry_files(folder, entry.name)
         remove_leftovers(folder)
@@ -411,9 +432,11 @@ class CacheStore:
             return hot
         path = state_file(self.folder, entry.name)
         try:
-            data = path.read_bytes()  # faster than readinto a zeroed bytearray
+            data, _ = read_regular(path, entry.state_bytes)  # never more than promised
         except FileNotFoundError:
             return self._reject(entry, "its state file is missing")
+        except NotRegularFileError as error:
+            return self._reject(entry, f"its state file {error.strerror}")
         except OSError as error:
             raise CacheError(f"cannot read cache file {path}: {error.strerror or error}") from None
         self.disk_reads += 1
@@ -440,7 +463,9 @@ class CacheStore:
 
     def store(self, label: str, kind: str, tokens: list[int], state: bytes | bytearray) -> Entry:
         """Write a new entry atomically, drop older entries of the same label and kind,
-        then keep the folder under its size limit. An existing entry is never rewritten."""
+        then keep the folder under its size limit. An existing entry is never rewritten
+        (`discard_entry` first to replace one). Raises CacheWriteError, leaving nothing of
+        the entry, if it cannot be written (full disk...): a run can go on without it."""
         digest = tokens_digest(self.settings_key, tokens)
         name = f"{slug(label)}.{digest}"
         with self.entry_lock(tokens, label):
@@ -462,8 +487,14 @@ class CacheStore:
                       settings_key=self.settings_key, state_bytes=len(state),
                       state_sha256=hashlib.sha256(state).hexdigest(), model_path=self.model_path)
         meta = {k: v for k, v in asdict(entry).items() if k not in _LOCAL_FIELDS}
-        atomic_write(state_file(self.folder, name), [memoryview(state)], for_cache=True)
-        atomic_write_text(meta_file(self.folder, name), json.dumps(meta), for_cache=True)
+        try:
+            atomic_write(state_file(self.folder, name), [memoryview(state)], for_cache=True)
+            atomic_write_text(meta_file(self.folder, name), json.dumps(meta), for_cache=True)
+        except CacheWriteError as error:
+            # The entry lock is held: the state file, if written, is ours and has no metadata.
+            state_file(self.folder, name).unlink(missing_ok=True)
+            raise CacheWriteError(f"cannot store the cache entry of {label} ({len(tokens)} tokens, "
+                                  f"{format_bytes(len(state))}): {error}") from None
         self.disk_writes += 1
         entry.name = name
         entry.last_used = time.time()
@@ -489,10 +520,29 @@ class CacheStore:
                         format_bytes(total), format_bytes(self.max_bytes))
 
     def touch(self, entry: Entry) -> None:
+        """Record a use in the metadata file's mtime (through its descriptor: a link planted
+        in its place is not followed)."""
         try:
-            os.utime(meta_file(self.folder, entry.name))
+            fd = open_regular(meta_file(self.folder, entry.name))
         except OSError:
-            pass  # usage time is advisory
+            return  # usage time is advisory
+        try:
+            os.utime(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def discard_entry(self, entry: Entry, reason: str) -> None:
+        """Remove an entry found unusable after its checks passed (llama.cpp refused its
+        state), with a warning, so that the state computed instead can be stored under its
+        name. An entry that another process has replaced since `entry` was read is kept."""
+        self._hot.pop(entry.digest, None)
+        with self.entry_lock(entry.tokens, entry.label):
+            current = self._read_meta(meta_file(self.folder, entry.name))
+            if current is not None and (current.created, current.state_sha256) == (
+                    entry.created, entry.state_sha256):
+                self._discard(entry.name, reason)
 
     def remove(self, entry: Entry) -> None:
         self._hot.pop(entry.digest, None)

@@ -2,18 +2,21 @@
 
 They work on the folder as a whole, for every model and setting, and never load a model:
 `list` only fingerprints the configured model file (memoized) to mark the entries it can use.
+`list` and `size` change nothing: an entry they cannot read (another format version, damaged
+metadata, a planted file) is reported, not removed; `prune` and `clear` remove such entries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .cache import (Entry, StateSettings, clear_folder, entry_size, evict_lru, folder_size,
-                    format_bytes, scan)
+from .cache import (Entry, StateSettings, clear_folder, entry_size, evict_lru, files_size, folder_size,
+                    format_bytes, meta_file, remover, scan)
 from .errors import ModelError, OptionsError
 from .model_locator import fingerprint_model, resolve_model_path
 from .options import EngineOptions, parse_size
@@ -42,6 +45,7 @@ class CacheItem:
     size_bytes: int
     last_used: float
     usable: bool | None  # with the configured model and settings; None: unknown
+    problem: str = ""  # why the entry cannot be read; such an entry is usable by no run
 
     @classmethod
     def of(cls, folder: Path, entry: Entry, current_key: str | None) -> CacheItem:
@@ -52,6 +56,16 @@ class CacheItem:
                    size_bytes=entry_size(folder, entry), last_used=entry.last_used,
                    usable=None if current_key is None else entry.settings_key == current_key)
 
+    @classmethod
+    def unreadable(cls, folder: Path, name: str, problem: str) -> CacheItem:
+        try:
+            last_used = os.lstat(meta_file(folder, name)).st_mtime
+        except FileNotFoundError:
+            last_used = 0.0
+        return cls(name=name, label=name.rsplit(".", 1)[0], kind="", model_file="", model_sha256="",
+                   kv_type="", tokens=0, size_bytes=files_size(folder, name), last_used=last_used,
+                   usable=False, problem=problem)
+
 
 @dataclass
 class SizeReport:
@@ -60,6 +74,7 @@ class SizeReport:
     entry_bytes: int
     total_bytes: int
     limit_bytes: int
+    unreadable: int = 0  # entries that cannot be read (counted in total_bytes only)
 
 
 @dataclass
@@ -83,29 +98,39 @@ def current_settings_key(options: EngineOptions, folder: Path) -> str | None:
     return StateSettings(fingerprint.sha256, options.kv_type, llama_cpp.__version__).key()
 
 
+def read_only_scan(folder: Path) -> tuple[list[Entry], dict[str, str]]:
+    """The readable entries and, by name, why each of the others cannot be read; removes nothing."""
+    unreadable: dict[str, str] = {}
+    entries = scan(folder, unreadable.__setitem__)
+    return entries, unreadable
+
+
 def list_entries(folder: Path, current_key: str | None) -> list[CacheItem]:
-    """Every entry, most recently used first."""
-    items = [CacheItem.of(folder, entry, current_key) for entry in scan(folder)]
+    """Every entry, readable or not, most recently used first."""
+    entries, unreadable = read_only_scan(folder)
+    items = [CacheItem.of(folder, entry, current_key) for entry in entries]
+    items += [CacheItem.unreadable(folder, name, problem) for name, problem in unreadable.items()]
     return sorted(items, key=lambda item: (-item.last_used, item.name))
 
 
 def size_report(folder: Path, limit_bytes: int) -> SizeReport:
-    entries = scan(folder)
+    entries, unreadable = read_only_scan(folder)
     return SizeReport(str(folder), len(entries), sum(entry_size(folder, e) for e in entries),
-                      folder_size(folder), limit_bytes)
+                      folder_size(folder), limit_bytes, len(unreadable))
 
 
 def prune(folder: Path, max_bytes: int) -> RemovalReport:
+    """Remove the unreadable entries, then the least recently used ones down to `max_bytes`."""
     if not folder.is_dir():
         return RemovalReport(str(folder))
-    before = {entry.name: CacheItem.of(folder, entry, None) for entry in scan(folder)}
+    before = {entry.name: CacheItem.of(folder, entry, None) for entry in scan(folder, remover(folder))}
     removed, total = evict_lru(folder, max_bytes)
     items = [before.get(entry.name) or CacheItem.of(folder, entry, None) for entry in removed]
     return RemovalReport(str(folder), items, sum(item.size_bytes for item in items), total)
 
 
 def clear(folder: Path) -> RemovalReport:
-    before = {entry.name: CacheItem.of(folder, entry, None) for entry in scan(folder)}
+    before = {entry.name: CacheItem.of(folder, entry, None) for entry in scan(folder, remover(folder))}
     removed = clear_folder(folder) if folder.is_dir() else []
     items = [before[entry.name] for entry in removed if entry.name in before]
     return RemovalReport(str(folder), items, sum(item.size_bytes for item in items), folder_size(folder))
@@ -137,6 +162,10 @@ def render_list(folder: Path, items: list[CacheItem], as_json: bool) -> str:
         return f"{folder} has no cache entries"
     rows = [("", "LAST USED", "KIND", "TOKENS", "SIZE", "MODEL", "KV", "LABEL")]
     for item in items:
+        if item.problem:
+            rows.append(("!", _when(item.last_used), "unreadable", "", format_bytes(item.size_bytes), "", "",
+                         f"{item.label} ({item.problem})"))
+            continue
         mark = {True: "*", False: "", None: "?"}[item.usable]
         model = item.model_file or f"sha256 {item.model_sha256[:12]}"
         rows.append((mark, _when(item.last_used), item.kind, str(item.tokens),
@@ -145,17 +174,22 @@ def render_list(folder: Path, items: list[CacheItem], as_json: bool) -> str:
     lines = ["  ".join(cell.rjust(w) if i in (3, 4) else cell.ljust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))) + "  " + row[-1]
              for row in rows]
-    total = sum(item.size_bytes for item in items)
-    lines.append(f"{_count(len(items), 'entry', 'entries')}, {format_bytes(total)}; "
-                 "* = usable with the configured model and KV type")
+    readable = [item for item in items if not item.problem]
+    total = sum(item.size_bytes for item in readable)
+    unreadable = len(items) - len(readable)
+    also = (f"; {unreadable} unreadable (another format version or damaged; no run uses them, "
+            "`cache prune` removes them)") if unreadable else ""
+    lines.append(f"{_count(len(readable), 'entry', 'entries')}, {format_bytes(total)}; "
+                 f"* = usable with the configured model and KV type{also}")
     return "\n".join(lines)
 
 
 def render_size(report: SizeReport, as_json: bool) -> str:
     if as_json:
         return json.dumps(asdict(report), ensure_ascii=False, indent=1)
+    also = f"; {report.unreadable} unreadable" if report.unreadable else ""
     return (f"{report.folder}: {format_bytes(report.total_bytes)} in total "
-            f"({_count(report.entries, 'entry', 'entries')}, {format_bytes(report.entry_bytes)}); "
+            f"({_count(report.entries, 'entry', 'entries')}, {format_bytes(report.entry_bytes)}{also}); "
             f"limit {format_bytes(report.limit_bytes)}")
 
 

@@ -38,5 +38,10 @@ class CacheError(CachedPromptsError):
     """The prelude cache cannot be read or written."""
 
 
+class CacheWriteError(CacheError):
+    """A cache entry could not be written (full disk, quota, read-only folder...); nothing
+    of it is left, and a run can go on without it."""
+
+
 class ProtocolError(CachedPromptsError):
     """A JSON-protocol request is malformed."""

@@ -3,16 +3,24 @@
 The kernel drops a flock when its holder dies, so a killed process never leaves a lock
 that blocks anyone. A lock file may be removed by its holder; whoever then gets the lock
 on the removed file notices that the path no longer names it and tries again.
+
+Lock files are opened without following links: a link planted where a lock file should be
+would otherwise make us create or lock a file anywhere. Such a link (or FIFO, device, ...)
+is removed with a warning and a regular lock file made in its place.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import CacheError
+
+log = logging.getLogger(__name__)
 
 try:
     import fcntl
@@ -39,7 +47,7 @@ def lock_fd(fd: int, *, blocking: bool = True) -> bool:
 def names_same_file(path: Path, fd: int) -> bool:
     """Whether `path` still names the open file `fd` (it may have been removed or replaced)."""
     try:
-        on_disk = os.stat(path)
+        on_disk = os.lstat(path)  # a link to the file does not count
     except FileNotFoundError:
         return False
     opened = os.fstat(fd)
@@ -51,11 +59,9 @@ def acquire(path: Path, *, blocking: bool = True) -> int | None:
     or None if `blocking` is off and the lock is held elsewhere."""
     _require_fcntl()
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            raise CacheError(f"cannot create the lock file {path}: {error.strerror or error}; "
-                             "make the cache folder writable") from None
+        fd = _open_lock_file(path)
+        if fd is None:
+            continue
         try:
             if not lock_fd(fd, blocking=blocking):
                 os.close(fd)
@@ -66,6 +72,28 @@ def acquire(path: Path, *, blocking: bool = True) -> int | None:
             os.close(fd)
             raise
         os.close(fd)  # its holder removed the file while we waited; lock the new one
+
+
+def _open_lock_file(path: Path) -> int | None:
+    """The lock file's descriptor, or None after removing something that is not a lock file."""
+    from .fsutil import NotRegularFileError, open_regular  # fsutil imports this module
+
+    try:
+        return open_regular(path, os.O_RDWR | os.O_CREAT)
+    except NotRegularFileError as error:
+        log.warning("the lock file %s %s; replacing it", path, error.strerror)
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # not one another process just made
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as unlink_error:
+            raise CacheError(f"the lock file {path} {error.strerror} and cannot be removed "
+                             f"({unlink_error.strerror or unlink_error}); remove it") from None
+        return None
+    except OSError as error:
+        raise CacheError(f"cannot create the lock file {path}: {error.strerror or error}; "
+                         "make the cache folder writable") from None
 
 
 def release(fd: int, path: Path | None = None) -> None:
