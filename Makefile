@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup example test bench clean
+.PHONY: setup example test bench clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ example: $(STAMP)
 	cd examples && ../$(BIN)/cached-prompts outputs-test-prompts --deterministic --max-tokens 64
 	cd examples && ../$(BIN)/cached-prompts show-stats-on-tokens-number
 
-test: $(STAMP)
+# Debian's chromium, for the report's browser tests (tests skip without it).
+chromium:
+	scripts/install-chromium.sh
+
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
