@@ -36,7 +36,16 @@ class TextCollector:
 
     def add(self, piece: bytes) -> bool:
         """Append a token's bytes; True once a stop string has been seen."""
-        new = self._decoder.decode(piece)
+        return self._append(self._decoder.decode(piece))
+
+    def finish(self) -> str:
+        """The final text. Bytes of a character the last piece left incomplete become U+FFFD
+        (as errors="replace" does) rather than vanish; nothing is added after a stop."""
+        if not self.stopped:
+            self._append(self._decoder.decode(b"", final=True))
+        return self.text
+
+    def _append(self, new: str) -> bool:
         if not new:
             return False
         search_from = max(0, len(self.text) - self._longest_stop + 1)
@@ -98,7 +107,7 @@ def generate_branches(context: Context, model: Model, branches: Sequence[Branch]
     finally:
         for output in outputs:
             output.chain.close()
-    completions = iter([Completion(o.collector.text, o.count, o.seed) for o in outputs])
+    completions = iter([Completion(o.collector.finish(), o.count, o.seed) for o in outputs])
     return [[next(completions) for _ in branch.seeds] for branch in branches]
 
 

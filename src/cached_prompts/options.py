@@ -33,6 +33,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
+_WARNED: set[tuple[str, Any]] = set()
+
+
+def _warn_once(option: str, value: Any, message: str, *args: Any) -> None:
+    """Options are validated again for every REPL request: say each thing once per process."""
+    if (option, value) not in _WARNED:
+        _WARNED.add((option, value))
+        log.warning(message, *args)
+
+
 def _flag(flag: str, help_text: str, **extra: Any) -> dict[str, Any]:
     return {"flag": flag, "help": help_text, **extra}
 
@@ -87,7 +97,7 @@ class SamplingOptions(BaseModel):
     @classmethod
     def _warn_tfs_z(cls, value: float | None) -> float | None:
         if value is not None and value != 1.0:
-            log.warning("tfs_z=%s is ignored: llama.cpp no longer has tail-free sampling", value)
+            _warn_once("tfs_z", value, "tfs_z=%s is ignored: llama.cpp no longer has tail-free sampling", value)
         return value
 
     @property
@@ -131,6 +141,16 @@ class EngineOptions(BaseModel):
     @property
     def cache_max_bytes(self) -> int:
         return parse_size(self.cache_max_size)
+
+    @field_validator("n_threads")
+    @classmethod
+    def _warn_more_threads_than_cores(cls, value: int | None) -> int | None:
+        cores = os.cpu_count() or 1
+        if value is not None and value > cores:
+            _warn_once("n_threads", value, "n_threads=%d is more than the %d cores of this machine: the "
+                       "threads would wait on each other and run many times slower; use at most %d",
+                       value, cores, cores)
+        return value
 
     @property
     def threads(self) -> int:

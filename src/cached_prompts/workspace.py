@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InputFileError, OptionsError, WorkspaceError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, kind_of, remove_stale_temp_files
 
 DRAFTS = "prelude_drafts"
 DRAFTS_OUTPUTS = "prelude_drafts_outputs"
@@ -129,12 +131,26 @@ def output_name(source: Path, key: int | str) -> str:
 
 
 def stale(output: Path, inputs: list[Path]) -> bool:
-    """Like make: missing, or older than any input."""
+    """Like make: missing, or older than any input. A link is stale (writing replaces the
+    link, never what it points to); raises InputFileError if a folder or another special
+    file is where the output goes, which could never be written."""
     try:
-        output_time = output.stat().st_mtime_ns
+        info = os.lstat(output)
     except FileNotFoundError:
         return True
-    return any(p.stat().st_mtime_ns > output_time for p in inputs)
+    if stat.S_ISLNK(info.st_mode):
+        return True
+    if not stat.S_ISREG(info.st_mode):
+        raise InputFileError(f"{output} is {kind_of(info.st_mode)}, not a file; remove it so that "
+                             "the output can be written there")
+    return any(p.stat().st_mtime_ns > info.st_mtime_ns for p in inputs)
+
+
+def remove_stale_output_temp_files(workspace: Workspace) -> list[Path]:
+    """Remove the temp files that killed runs left in the output folders (a write in progress
+    in another process is left alone, see fsutil.py); returns the removed files."""
+    return [path for name in (DRAFTS_OUTPUTS, TEST_PROMPTS_OUTPUTS)
+            for path in remove_stale_temp_files(workspace.folder(name))]
 
 
 def write_output(path: Path, text: str) -> None:
