@@ -15,8 +15,11 @@ sys.path.insert(0, str(HERE / "src"))
 try:
     import llama_cpp  # noqa: F401
 except ImportError:
-    venv_python = HERE / ".venv" / "bin" / "python"
-    if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
+    venv = HERE / ".venv"
+    venv_python = venv / "bin" / "python"
+    # Compare prefixes, not executables: a venv's python is usually a link to the very file
+    # the system's python is, and only its prefix (from pyvenv.cfg) tells them apart.
+    if venv_python.exists() and Path(sys.prefix).resolve() != venv.resolve():
         os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
     sys.exit("error: llama-cpp-python is not installed; run `make setup` in " + str(HERE))
 

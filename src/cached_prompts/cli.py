@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
 import sys
 import types
 from pathlib import Path
@@ -86,10 +88,31 @@ def _common_parser() -> argparse.ArgumentParser:
     return common
 
 
+def version_text() -> str:
+    import llama_cpp
+
+    from .local_backend import package_version
+
+    return f"cached-prompts {package_version()} (llama-cpp-python {llama_cpp.__version__})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for (it imports llama_cpp)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show the versions of cached-prompts and llama-cpp-python and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_parser()
     parser = argparse.ArgumentParser(prog="cached-prompts", description=DESCRIPTION, parents=[common],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
@@ -167,23 +190,43 @@ def resolve_options(args: argparse.Namespace, workspace: Workspace) -> tuple[Eng
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "full_help", False):
-        print(full_help(parser))
-        return 0
-    if not args.command:
-        parser.print_help()
-        return 2
-    setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
     try:
-        return run_command(args)
-    except CachedPromptsError as error:
-        log.error("%s", error)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted; finished outputs are kept, the rest will be made on the next run")
-        return 130
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "full_help", False):
+            print(full_help(parser))
+            return 0
+        if not args.command:
+            parser.print_help()
+            return 2
+        setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+        try:
+            return run_command(args)
+        except CachedPromptsError as error:
+            log.error("%s", error)
+            return 1
+        except KeyboardInterrupt:
+            log.error("interrupted; finished outputs are kept, the rest will be made on the next run")
+            return 130
+    except BrokenPipeError:
+        if not _stdout_reader_left():
+            raise  # another pipe or socket broke: a real error
+        # The reader of stdout left (`| head`): stop quietly, as other command-line tools do.
+        # stdout now points at /dev/null so that Python's flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+
+
+def _stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll (Windows) or no real stdout
+        return True
 
 
 def run_command(args: argparse.Namespace) -> int:
