@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -15,13 +17,13 @@ OUTPUTS = "test_prompts_outputs"
 
 
 def mtimes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.txt"))}
 
 
 def test_drafts_get_numbered_outputs(cli, workspace: Path) -> None:
     code, out, _ = cli(workspace, "outputs-for-drafts", "-n", "2", "--max-tokens", "3")
     assert code == 0 and out == ""
-    names = sorted(p.name for p in (workspace / "prelude_drafts_outputs").iterdir())
+    names = sorted(p.name for p in (workspace / "prelude_drafts_outputs").glob("*.txt"))
     assert names == ["dictionary.output-0.txt", "dictionary.output-1.txt"]
 
 
@@ -88,7 +90,7 @@ def test_bad_prompts_are_skipped_and_the_rest_is_done(cli, workspace: Path) -> N
     assert "no-separator.txt: a test prompt's name must be PRELUDE---ID.txt" in err
     assert "missing---x.txt: its prelude preludes/missing.txt does not exist" in err
     assert "dictionary---huge.txt" in err and "the context only 1024" in err
-    outputs = sorted(p.name for p in (workspace / OUTPUTS).iterdir())
+    outputs = sorted(p.name for p in (workspace / OUTPUTS).glob("*.txt"))
     assert outputs == ["dictionary---library.output-deterministic.txt",
                        "dictionary---river.output-deterministic.txt",
                        "dictionary-long---umbrella.output-deterministic.txt"]
@@ -104,22 +106,41 @@ def test_cyrillic_and_space_names_work(cli, workspace: Path) -> None:
     assert any(p.name.startswith("РПД-критерии_компетенций.") for p in (workspace / "llm_cache").iterdir())
 
 
-def test_token_stats_are_real_counts_and_sums(cli, workspace: Path, make_runner) -> None:
+def test_token_stats_are_real_counts_in_the_original_format(cli, workspace: Path, make_runner) -> None:
     cli(workspace, "outputs-test-prompts", "-n", "1", "--max-tokens", "3")
     code, out, _ = cli(workspace, "show-stats-on-tokens-number")
     assert code == 0
     runner = make_runner(None)
     prelude = runner.count_tokens(PRELUDE, at_start=True)
-    prompt = runner.count_tokens(prompt_for("river"), at_start=False)
+    prompt_text = prompt_for("river")
+    prompt = runner.count_tokens(prompt_text, at_start=False)
+    together = runner.count_tokens(PRELUDE + prompt_text, at_start=True)
     output_text = (workspace / OUTPUTS / "dictionary---river.output-0.txt").read_text("utf-8")
-    output = runner.count_tokens(output_text, at_start=False)
+    everything = runner.count_tokens(PRELUDE + prompt_text + output_text, at_start=True)
     lines = out.splitlines()
-    assert lines[0] == "Context length: 1024"
-    assert f"  dictionary.txt: {prelude}" in lines
-    assert f"  dictionary---river.txt: {prompt}" in lines
-    assert f"    - with its prelude \"dictionary.txt\": {prelude} + {prompt} = {prelude + prompt}" in lines
-    assert (f"    * with its output \"dictionary---river.output-0.txt\": "
-            f"{output} + {prelude + prompt} = {output + prelude + prompt}") in lines
+    assert lines[:3] == ["Context length: 1024", "", '# Repository "prelude_drafts"']
+    assert '# Repository "preludes"' in lines and '# Repository "test_prompts"' in lines
+    assert f'"preludes/dictionary.txt" tokens: {prelude}' in lines
+    assert f'"test_prompts/dictionary---river.txt" tokens: {prompt}' in lines
+    assert (f'- with its prelude "preludes/dictionary.txt": {prelude} + {together - prelude} = {together}'
+            in lines)
+    assert (f'  * with its output "test_prompts_outputs/dictionary---river.output-0.txt": '
+            f"{everything - together} + {prelude} + {together - prelude} = {everything}") in lines
+
+
+def test_stats_add_up_to_the_joint_count_when_a_prelude_ends_mid_word(cli, workspace: Path, make_runner) -> None:
+    """The model sees the concatenated text tokenized as one: the sum is that count, not
+    the prelude's count plus the prompt's."""
+    write(workspace / "preludes" / "split.txt", PRELUDE + "umbr")
+    write(workspace / "test_prompts" / "split---x.txt", "ella<|im_end|>\n<|im_start|>assistant\n")
+    code, out, _ = cli(workspace, "show-stats-on-tokens-number", "--json")
+    runner = make_runner(None)
+    joint = runner.count_tokens(PRELUDE + prompt_for("umbrella"), at_start=True)
+    separate = runner.count_tokens(PRELUDE + "umbr", at_start=True) + runner.count_tokens(
+        "ella<|im_end|>\n<|im_start|>assistant\n", at_start=False)
+    assert joint != separate, "the split should fall inside a token"
+    (item,) = [f for f in json.loads(out)["folders"]["test_prompts"] if f["name"] == "split---x.txt"]
+    assert item["together"] == joint
 
 
 def test_errors_are_one_line_and_actionable(cli, workspace: Path, tmp_path: Path) -> None:

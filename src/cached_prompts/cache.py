@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import locks
+from .backend import common_prefix_length
 from .errors import CacheError, CacheWriteError
 from .fsutil import (NotRegularFileError, atomic_write, atomic_write_text, open_regular, read_regular,
                      remove_stale_temp_files)
@@ -68,6 +69,7 @@ class StateSettings:
     model_sha256: str
     kv_type: str
     llama_cpp_version: str
+    device: str = "cpu"  # where the state was computed: "cpu" or "gpu:LAYERS/ALL" (engine.Model.device)
     state_layout: str = "seq-state-v1"
 
     def key(self) -> str:
@@ -113,17 +115,13 @@ def tokens_digest(settings_key: str, tokens: list[int]) -> str:
 
 
 def slug(label: str) -> str:
-    """A file-name-safe form of a label (letters of any script, digits, - _ kept)."""
-    cleaned = re.sub(r"[^\w\-]+", "_", label, flags=re.UNICODE).strip("_.")
-    return cleaned[:60] or "prelude"
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """A file-name-safe form of a label (letters of any script, digits, - _ kept). Where that
+    form loses something ("a b" and "a?b", or a cut after 60 characters), a hash of the whole
+    label is added, so two labels never share a file name."""
+    cleaned = re.sub(r"[^\w\-]+", "_", label, flags=re.UNICODE).strip("_.")[:60] or "prelude"
+    if cleaned == label:
+        return cleaned
+    return f"{cleaned}-{hashlib.sha256(label.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 # ----- reading and checking metadata --------------------------------------------------------
