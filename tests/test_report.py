@@ -154,8 +154,10 @@ def test_report_flag_and_config_refresh_the_page(cli, workspace: Path, open_page
     assert cli(workspace, "outputs-test-prompts", "-n", "1", "--max-tokens", "4", "--report")[0] == 0
     first = open_page(page)
     assert len(first.cards()) == 3
-    made = json.loads(first.page.text_content("#report-data"))["made"]
-    assert made
+    data = json.loads(first.page.text_content("#report-data"))
+    run = read_record(workspace / "test_prompts_outputs" / "dictionary---river.output-0.txt").run_id
+    assert data["run_id"] == run and data["made"]  # the page names the run that made the outputs
+    assert run in first.page.text_content("header .facts")
 
     write(workspace / "cached-prompts.toml", "report = true\n")
     age(page, 100)
@@ -182,13 +184,25 @@ def test_stale_and_missing_outputs_are_marked(workspace: Path, open_page) -> Non
     age_tree(workspace)  # inputs and outputs equally old: all fresh
     age(workspace / "test_prompts_outputs" / "dictionary---river.output-1.txt", 200)  # older than its prompt
     os.utime(workspace / "preludes" / "dictionary-long.txt")  # prelude edited now: its prompt's outputs are stale
-    view = open_page(report_file(workspace))
+    library = workspace / "test_prompts_outputs" / "dictionary---library.output-0.txt"
+    write_records([(library, record(model_id="made-by-another-model"))])
+    view = open_page(report_file(workspace, model_id="made-by-another-model"))
     stale = {name: card["stale"] for name, card in view.cards().items()}
     assert stale == {"dictionary---river.output-0.txt": "false", "dictionary---river.output-1.txt": "true",
                      "dictionary---library.output-0.txt": "false",
                      "dictionary-long---umbrella.output-0.txt": "true",
                      "dictionary-long---umbrella.output-1.txt": "true"}
     assert view.count("stale-output") == 3
+    reason = "name => document.querySelector(`[data-output='${name}'] .badge.stale`).title"
+    assert view.page.evaluate(reason, "dictionary---river.output-1.txt") == "older than dictionary---river.txt and dictionary.txt"
+    assert view.page.evaluate(reason, "dictionary-long---umbrella.output-0.txt") == \
+        "older than dictionary-long.txt"  # the prelude, not the prompt
+    view.assert_clean()
+    # the commands judge outputs of another model stale (commands.Freshness): so does the page
+    other = open_page(report_file(workspace, model_id="this-model"))
+    assert other.cards()["dictionary---library.output-0.txt"]["stale"] == "true"
+    assert other.page.evaluate(reason, "dictionary---library.output-0.txt") == \
+        "made by another model (SmolLM2-135M-Instruct-Q4_1.gguf)"
     assert view.count("missing-output") == 2  # library's output 1, the draft's output 0
     assert view.page.locator("article[data-name='dictionary---library'] "
                              "[data-missing-output='dictionary---library.output-1.txt']").count() == 1

@@ -34,21 +34,28 @@ _SAMPLING_SHORT = (("temperature", "temp"), ("top_k", "top-k"), ("top_p", "top-p
 
 
 def build_report(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: int | None,
-                 run_id: str | None = None, skipped: Iterable[tuple[Path, str]] = ()) -> str:
+                 model_id: str | None = None, run_id: str | None = None,
+                 skipped: Iterable[tuple[Path, str]] = ()) -> str:
     """The report page of `workspace` as HTML text.
 
     count_tokens(text, at_start) counts tokens (at_start=True for a prelude or draft); without
-    it, counts come from the outputs' records where there are some. `skipped` adds the inputs a
-    run skipped, with its reasons; `run_id` names the run the page is made for.
+    it, counts come from the outputs' records where there are some. An output whose record names
+    another model than `model_id` is stale. `skipped` adds the inputs a run skipped, with its
+    reasons; `run_id` names the run the page is made for.
     """
-    data = collect(workspace, count_tokens=count_tokens, n_ctx=n_ctx, run_id=run_id, skipped=skipped)
+    data = collect(workspace, count_tokens=count_tokens, n_ctx=n_ctx, model_id=model_id, run_id=run_id,
+                   skipped=skipped)
     return render(data)
 
 
 class TokenSource(Protocol):
-    """What the report needs from a backend: its token counts and context length."""
+    """What the report needs from a backend: token counts, context length, model identity."""
 
-    n_ctx: int
+    @property
+    def n_ctx(self) -> int: ...
+
+    @property
+    def model_id(self) -> str: ...
 
     def count_tokens(self, text: str, *, at_start: bool) -> int: ...
 
@@ -57,7 +64,7 @@ def refresh_report(workspace: Workspace, backend: TokenSource, path: Path | None
                    run_id: str | None = None, skipped: Iterable[tuple[Path, str]] = ()) -> Path:
     """Build the page with the backend's token counts and write it; returns where."""
     html = build_report(workspace, count_tokens=lambda text, at_start: backend.count_tokens(text, at_start=at_start),
-                        n_ctx=backend.n_ctx, run_id=run_id, skipped=skipped)
+                        n_ctx=backend.n_ctx, model_id=backend.model_id, run_id=run_id, skipped=skipped)
     return write_report(workspace, path, html)
 
 
@@ -131,7 +138,9 @@ def render(data: ReportData) -> str:
 
 
 def _header(data: ReportData) -> str:
-    run = f" for run <code>{_e(data.run_id)}</code>" if data.run_id else ""
+    latest = data.latest_run()
+    run = (f" for run <code>{_e(data.run_id)}</code>" if data.run_id else
+           f" · newest outputs from run <code>{_e(latest)}</code>" if latest else "")
     models = ", ".join(data.models())
     facts = [f"made <time datetime=\"{_e(data.made)}\">{_e(_when(data.made))}</time>{run}"]
     if models:
@@ -246,7 +255,7 @@ def _card(output: OutputView, item: InputView, data: ReportData) -> str:
                 f"<p class=\"note\">Not made yet: <code>cached-prompts {command}</code> makes it.</p></div>")
     stale = output.state is OutputState.STALE
     if stale:
-        badges += "<span class=\"badge stale\" title=\"older than its inputs\">stale</span>"
+        badges += f"<span class=\"badge stale\" title=\"{_e(output.why_stale)}\">stale</span>"
     file = output.file
     text = f"<pre class=\"out\">{_e(file.text)}</pre>" if file and file.text is not None else \
         f"<p class=\"skip\">{_e(output.name)} {_e(file.problem if file else '')}</p>"

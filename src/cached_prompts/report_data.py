@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputFileError
+from .fsutil import NotRegularFileError, read_regular
 from .run_records import OutputRecord, read_record, utc_now
-from .safe_read import read_regular_file
+from .structured import freshness_inputs
 from .workspace import (DETERMINISTIC, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS, TEST_PROMPTS_OUTPUTS,
                         Workspace, stale)
 
-# Longest file shown; a longer one is shown cut, without a token count.
-MAX_SHOWN_BYTES = 1 << 20
+# Largest file shown (4 MiB: a 128k-token prelude takes about 0.5 MiB).
+MAX_SHOWN_BYTES = 4 << 20
 _OUTPUT_NAME = re.compile(r"(?P<stem>.+)\.output-(?P<key>[^.]+)\.txt")
 
 TokenCounter = Callable[[str, bool], int]
@@ -27,7 +28,7 @@ TokenCounter = Callable[[str, bool], int]
 
 class OutputState(enum.Enum):
     FRESH = "fresh"
-    STALE = "stale"      # older than one of its inputs
+    STALE = "stale"      # older than one of its inputs, or made by another model
     MISSING = "missing"  # a run would make it, it does not exist
 
 
@@ -42,8 +43,7 @@ class FileText:
 
     name: str  # path from the workspace root, e.g. "preludes/A.txt"
     text: str | None
-    problem: str = ""   # why the text is missing or cut, after the file's name: "is not UTF-8 ..." 
-    truncated: bool = False
+    problem: str = ""   # why the text is missing, after the file's name: "is not UTF-8 ..."
     tokens: int | None = None
 
 
@@ -54,6 +54,7 @@ class OutputView:
     state: OutputState
     file: FileText | None = None  # None when missing
     record: OutputRecord | None = None
+    why_stale: str = ""
 
     @property
     def deterministic(self) -> bool:
@@ -114,6 +115,11 @@ class ReportData:
     def count(self, state: OutputState) -> int:
         return sum(1 for o in self.outputs() if o.state is state)
 
+    def latest_run(self) -> str | None:
+        """The run that made the newest recorded output."""
+        records = [o.record for o in self.outputs() if o.record is not None]
+        return max(records, key=lambda r: r.created).run_id if records else None
+
     def models(self) -> list[str]:
         return sorted({o.record.model for o in self.outputs() if o.record is not None})
 
@@ -122,15 +128,14 @@ class ReportData:
 
 
 def read_shown(path: Path, name: str, *, follow_symlinks: bool) -> FileText:
-    """A file's text for display: bounded, regular files only, UTF-8 checked."""
+    """A file's text for display: bounded, regular files only, UTF-8 checked. Inputs are read
+    through a link as the commands read them; outputs, which the tool writes, never are."""
     try:
-        data, truncated = read_regular_file(path, MAX_SHOWN_BYTES, follow_symlinks=follow_symlinks)
+        data, _ = read_regular(path.resolve() if follow_symlinks else path, MAX_SHOWN_BYTES)
+    except NotRegularFileError as error:  # "is a FIFO, not a regular file", "is larger than ..."
+        return FileText(name, None, str(error.strerror))
     except OSError as error:
         return FileText(name, None, f"cannot be read ({error.strerror or error})")
-    if truncated:
-        text = data.decode("utf-8", errors="ignore")  # the cut may split a character
-        return FileText(name, text, f"is larger than {MAX_SHOWN_BYTES >> 20} MiB; only its start is shown",
-                        truncated=True)
     try:
         return FileText(name, data.decode("utf-8"))
     except UnicodeDecodeError as error:
@@ -139,7 +144,7 @@ def read_shown(path: Path, name: str, *, follow_symlinks: bool) -> FileText:
 
 
 def _count(file: FileText, count_tokens: TokenCounter | None, at_start: bool) -> None:
-    if count_tokens is not None and file.text is not None and not file.truncated:
+    if count_tokens is not None and file.text is not None:
         file.tokens = count_tokens(file.text, at_start)
 
 
@@ -164,10 +169,12 @@ def _key_order(key: str) -> tuple[int, int, str]:
 
 
 class _Collector:
-    def __init__(self, workspace: Workspace, count_tokens: TokenCounter | None, n_ctx: int | None) -> None:
+    def __init__(self, workspace: Workspace, count_tokens: TokenCounter | None, n_ctx: int | None,
+                 model_id: str | None) -> None:
         self.workspace = workspace
         self.count_tokens = count_tokens
         self.n_ctx = n_ctx
+        self.model_id = model_id
 
     def input_file(self, folder: str, path: Path, at_start: bool) -> FileText:
         file = read_shown(path, f"{folder}/{path.name}", follow_symlinks=True)
@@ -185,9 +192,21 @@ class _Collector:
                 continue
             file = read_shown(path, f"{folder}/{path.name}", follow_symlinks=False)
             _count(file, self.count_tokens, False)
-            state = OutputState.STALE if _is_stale(path, inputs) else OutputState.FRESH
-            item.outputs.append(OutputView(path.name, key, state, file, read_record(path)))
+            record = read_record(path)
+            why = self.why_stale(path, inputs, record)
+            item.outputs.append(OutputView(path.name, key, OutputState.STALE if why else OutputState.FRESH,
+                                           file, record, why))
         _fill_counts_from_records(item)
+
+    def why_stale(self, output: Path, inputs: list[Path], record: OutputRecord | None) -> str:
+        """As the commands judge it (commands.Freshness): older than an input, or made by
+        another model than the one this report was made with."""
+        if _is_stale(output, inputs):
+            newer = _newer_inputs(output, inputs)
+            return "older than " + (" and ".join(p.name for p in newer) if newer else "its inputs")
+        if record is not None and self.model_id is not None and record.model_id != self.model_id:
+            return f"made by another model ({record.model})"
+        return ""
 
     def prompt_after_prelude(self, prompt: FileText, prelude: FileText) -> int | None:
         """The prompt's tokens as the model sees them after its prelude: the joint text's
@@ -216,6 +235,15 @@ def _is_stale(output: Path, inputs: list[Path]) -> bool:
         return stale(output, inputs)
     except OSError:  # an input vanished meanwhile
         return True
+
+
+def _newer_inputs(output: Path, inputs: list[Path]) -> list[Path]:
+    """Which inputs make a stale output stale, to say so."""
+    try:
+        made = output.stat().st_mtime_ns
+        return [p for p in inputs if p.stat().st_mtime_ns > made]
+    except OSError:
+        return []
 
 
 def _fill_counts_from_records(item: InputView) -> None:
@@ -250,8 +278,9 @@ def _expected_keys(sources: list[Path], workspace: Workspace, folder: str) -> li
 
 
 def collect(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: int | None,
-            run_id: str | None = None, skipped: Iterable[tuple[Path, str]] = ()) -> ReportData:
-    collector = _Collector(workspace, count_tokens, n_ctx)
+            model_id: str | None = None, run_id: str | None = None,
+            skipped: Iterable[tuple[Path, str]] = ()) -> ReportData:
+    collector = _Collector(workspace, count_tokens, n_ctx, model_id)
     drafts = _collect_drafts(collector)
     preludes, orphans = _collect_prompts(collector)
     data = ReportData(workspace.root.name, utc_now(), run_id, n_ctx, drafts, preludes, orphans, [],
@@ -270,7 +299,7 @@ def _collect_drafts(collector: _Collector) -> list[InputView]:
                          prelude_tokens=file.tokens, prompt_tokens=0)
         if not item.skipped and (reason := collector.too_long(file)):
             item.skipped.append(reason)
-        collector.outputs(item, DRAFTS_OUTPUTS, path, [path], expected)
+        collector.outputs(item, DRAFTS_OUTPUTS, path, _own_inputs(path, item), expected)
         drafts.append(item)
     return drafts
 
@@ -295,10 +324,19 @@ def _collect_prompts(collector: _Collector) -> tuple[list[PreludeView], list[Inp
             prelude_path = None
         prelude = preludes.get(prelude_path) if prelude_path else None
         _check_prompt(collector, item, prelude)
-        inputs = [path] + ([prelude_path] if prelude_path else [])
+        inputs = _own_inputs(path, item) + ([prelude_path] if prelude_path else [])
         collector.outputs(item, TEST_PROMPTS_OUTPUTS, path, inputs, expected)
         (prelude.prompts if prelude else orphans).append(item)
     return list(preludes.values()), orphans
+
+
+def _own_inputs(path: Path, item: InputView) -> list[Path]:
+    """The input and its schema or grammar sidecar; a bad sidecar makes the input skipped."""
+    try:
+        return freshness_inputs(path)
+    except InputFileError as error:
+        item.skipped.append(str(error))
+        return [path]
 
 
 def _check_prompt(collector: _Collector, item: InputView, prelude: PreludeView | None) -> None:

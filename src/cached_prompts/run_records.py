@@ -22,8 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_text
-from .safe_read import read_regular_file
+from .fsutil import atomic_write_text, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +80,10 @@ def record_path(output: Path) -> Path:
 
 def _output_sha256(output: Path) -> str:
     try:
-        data, truncated = read_regular_file(output, MAX_HASHED_OUTPUT_BYTES, follow_symlinks=False)
+        data, _ = read_regular(output, MAX_HASHED_OUTPUT_BYTES)
     except OSError:
         return ""
-    return "" if truncated else hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).hexdigest()
 
 
 def write_records(pairs: Iterable[tuple[Path, OutputRecord]]) -> None:
@@ -105,11 +104,8 @@ def read_record(output: Path) -> OutputRecord | None:
     describes another text than the output's current one."""
     path = record_path(output)
     try:
-        data, truncated = read_regular_file(path, MAX_RECORD_BYTES, follow_symlinks=False)
+        data, _ = read_regular(path, MAX_RECORD_BYTES)  # no link, no FIFO, bounded
     except OSError:
-        return None
-    if truncated:
-        log.debug("%s: larger than %d bytes; ignored", path, MAX_RECORD_BYTES)
         return None
     record = parse_record(data)
     if record is None:
