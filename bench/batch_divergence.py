@@ -20,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import FULL, QUICK, RESULTS, Bench  # noqa: E402
 
+from cached_prompts.backend import GenerationRequest, PromptJob, reusable_length  # noqa: E402
 from cached_prompts.generation import Branch, generate_branches  # noqa: E402
+from cached_prompts.prelude_state import PRELUDE_SEQ  # noqa: E402
 
 GREEDY_COPIES = 4
 
@@ -43,22 +45,29 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(QUICK if args.quick else FULL, args.threads, default_model_path())
     runner = bench.runner(args.kv_type, None)
     prelude = runner.prelude_tokens(bench.prelude, "bench prelude")
-    prompts = [runner.prompt_tokens(p) for p in bench.prompts]
+    prompts = [runner.joint_tokens(bench.prelude, p) for p in bench.prompts]
     sampling, seeds = bench.sampling, bench.seeds
 
-    alone = [runner.generate(prelude, p, sampling, [seed], label="b")[0] for p in prompts for seed in seeds]
-    per_prompt = [text for p in prompts for text in runner.generate(prelude, p, sampling, seeds, label="b")]
-    together = [text for texts in runner.generate_many(prelude, prompts, sampling, [seeds] * len(prompts),
-                                                       label="b") for text in texts]
+    def texts(fulls: list[list[int]], options, job_seeds: list) -> list[list[str]]:
+        request = GenerationRequest(prelude, [PromptJob(full, list(job_seeds)) for full in fulls], options, "b")
+        return [[c.text for c in completions] for completions in runner.generate(request)]
+
+    alone = [texts([p], sampling, [seed])[0][0] for p in prompts for seed in seeds]
+    per_prompt = [text for p in prompts for text in texts([p], sampling, seeds)[0]]
+    together = [text for outputs in texts(prompts, sampling, seeds) for text in outputs]
     greedy = sampling.as_greedy()
     greedy_alone, greedy_batched = [], []
-    for prompt in prompts:
-        greedy_alone.append(runner.generate(prelude, prompt, greedy, [None], label="b")[0])
-        runner.load_prelude(prelude, "b")
-        runner.context.decode_sequence(prelude[-1:] + prompt, len(prelude) - 1)
-        branch = Branch([None] * GREEDY_COPIES, sampling.max_tokens, prelude + prompt, len(prelude) + len(prompt))
-        copies = generate_branches(runner.context, runner.model, [branch], greedy, lambda b, s: None)[0]
-        greedy_batched += copies
+    for full in prompts:
+        greedy_alone.append(texts([full], greedy, [None])[0][0])
+        # Several greedy copies in one batch: what the backend never does (it decodes them alone).
+        runner.prepare_prelude(prelude, "b")
+        reused = reusable_length(prelude, full)
+        runner.context.seq_copy(PRELUDE_SEQ, PRELUDE_SEQ + 1, reused)
+        runner.context.decode_sequence(full[reused:], reused, PRELUDE_SEQ + 1)
+        branch = Branch([None] * GREEDY_COPIES, sampling.max_tokens, full, len(full))
+        copies = generate_branches(runner.context, runner.model, [branch], greedy, lambda b, s: None,
+                                   first_seq=PRELUDE_SEQ + 1)[0]
+        greedy_batched += [c.text for c in copies]
     runner.close()
     results = {
         "kv_type": args.kv_type, "max_tokens": sampling.max_tokens, "prompts": len(prompts), "seeds": len(seeds),

@@ -33,9 +33,18 @@ from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E40
 from cached_prompts.cache import CacheStore  # noqa: E402
 from cached_prompts.model_locator import default_model_path  # noqa: E402
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed  # noqa: E402
-from cached_prompts.runner import Runner  # noqa: E402
+from cached_prompts.backend import GenerationRequest, PromptJob  # noqa: E402
+from cached_prompts.local_backend import LocalBackend as Runner  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+def generate(runner: Runner, prelude: list[int], fulls: list[list[int]], sampling: SamplingOptions,
+             seeds: list[int | None], *, store: bool = True, on_step: Callable[[int], None] | None = None) -> None:
+    """The same seeds for every prompt (joint tokens), decoded together."""
+    request = GenerationRequest(prelude, [PromptJob(full, list(seeds)) for full in fulls], sampling, "bench",
+                                store=store)
+    runner.generate(request, on_step=on_step)
 
 
 @dataclass
@@ -74,19 +83,19 @@ class Bench:
             runner = self.runner(kv_type, Path(folder))
             try:
                 prelude = runner.prelude_tokens(self.prelude, "bench prelude")
-                prompt = runner.prompt_tokens(self.prompts[0])
+                prompt = runner.joint_tokens(self.prelude, self.prompts[0])
 
                 def first_token(fresh_store: bool) -> float:
                     runner.unload()
                     if fresh_store:  # a new process: nothing of the entry in RAM but the page cache
                         runner.cache = CacheStore(Path(folder), runner.settings, str(self.model_path))
                     start = time.perf_counter()
-                    runner.generate(prelude, prompt, first, self.seeds[:1], label="bench", store=False)
+                    generate(runner, prelude, [prompt], first, self.seeds[:1], store=False)
                     return time.perf_counter() - start
 
                 cold = [first_token(False) for _ in range(self.sizes.repeats)]
                 runner.unload()
-                runner.load_prelude(prelude, "bench")
+                runner.prepare_prelude(prelude, "bench")
                 restored = [first_token(True) for _ in range(self.sizes.repeats)]
                 assert runner.counters.sources[-1] == "cache", runner.counters.sources
                 entry = runner.cache.entries()[0]
@@ -95,7 +104,7 @@ class Bench:
             finally:
                 runner.close()
         self.results[f"ttft_{kv_type}"] = {
-            "prelude_tokens": len(prelude), "prompt_tokens": len(prompt) + 1,
+            "prelude_tokens": len(prelude), "prompt_tokens": len(prompt) - len(prelude) + 1,
             "cold_s": min(cold), "restored_s": min(restored), "cold_all_s": cold,
             "restored_all_s": restored, "ratio_cold_over_restored": min(cold) / min(restored)}
         self.results[f"cache_{kv_type}"] = {
@@ -120,12 +129,11 @@ class Bench:
         """A runner with the prelude loaded, its tokens, and the workload with prompts together."""
         runner = self.runner(kv_type, None)
         prelude = runner.prelude_tokens(self.prelude, "bench prelude")
-        prompts = [runner.prompt_tokens(p) for p in self.prompts]
-        runner.load_prelude(prelude, "bench")
-        seeds = [self.seeds] * len(prompts)
+        prompts = [runner.joint_tokens(self.prelude, p) for p in self.prompts]
+        runner.prepare_prelude(prelude, "bench")
 
         def together() -> None:
-            runner.generate_many(prelude, prompts, self.sampling, seeds, label="bench")
+            generate(runner, prelude, prompts, self.sampling, self.seeds)
 
         return runner, prelude, prompts, together
 
@@ -134,7 +142,7 @@ class Bench:
         try:
             def one_prompt_at_a_time() -> None:
                 for prompt in prompts:
-                    runner.generate(prelude, prompt, self.sampling, self.seeds, label="bench")
+                    generate(runner, prelude, [prompt], self.sampling, self.seeds)
 
             figures = {"prompts_together": self.timed_tokens(runner, together),
                        "prompts_one_at_a_time": self.timed_tokens(runner, one_prompt_at_a_time)}
@@ -164,8 +172,8 @@ class Bench:
             per_prompt = min(count, len(self.seeds))
             used = prompts[: max(1, count // per_prompt)]
             stamps: list[tuple[float, int]] = []
-            runner.generate_many(prelude, used, self.sampling, [self.seeds[:per_prompt]] * len(used),
-                                 label="bench", on_step=lambda n: stamps.append((time.perf_counter(), n)))
+            generate(runner, prelude, used, self.sampling, self.seeds[:per_prompt],
+                     on_step=lambda n: stamps.append((time.perf_counter(), n)))
             # the first len(used) steps each sample one prompt's first tokens, after its prefill
             decode = stamps[len(used) - 1:]
             tokens = sum(n for _, n in decode[1:])
