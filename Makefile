@@ -21,6 +21,7 @@ example: $(STAMP)
 	cd examples && ../$(BIN)/cached-prompts outputs-test-prompts -n 2 --max-tokens 64
 	cd examples && ../$(BIN)/cached-prompts outputs-test-prompts --deterministic --max-tokens 64
 	cd examples && ../$(BIN)/cached-prompts show-stats-on-tokens-number
+	cd examples && ../$(BIN)/cached-prompts report
 
 # Debian's chromium, for the report's browser tests (tests skip without it).
 chromium:
@@ -33,4 +34,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 
 clean:
-	rm -rf $(VENV) examples/llm_cache examples/prelude_drafts_outputs examples/test_prompts_outputs
+	rm -rf $(VENV) examples/llm_cache examples/prelude_drafts_outputs examples/test_prompts_outputs examples/report.html

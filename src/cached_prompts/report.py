@@ -141,7 +141,7 @@ def _header(data: ReportData) -> str:
     latest = data.latest_run()
     run = (f" for run <code>{_e(data.run_id)}</code>" if data.run_id else
            f" · newest outputs from run <code>{_e(latest)}</code>" if latest else "")
-    models = ", ".join(data.models())
+    models = ", ".join(data.models)
     facts = [f"made <time datetime=\"{_e(data.made)}\">{_e(_when(data.made))}</time>{run}"]
     if models:
         facts.append(f"model {_e(models)}")
@@ -161,7 +161,7 @@ def _header(data: ReportData) -> str:
         f"<h1><span class=\"ws\">{_e(data.workspace_name)}</span> <span class=\"sub\">cached-prompts report</span></h1>\n"
         f"<p class=\"facts\">{' · '.join(facts)}</p>\n<ul class=\"summary\">{items}</ul>\n</header>\n"
         "<div class=\"toolbar\" role=\"search\">"
-        "<input id=\"filter\" type=\"search\" placeholder=\"Filter prompts and outputs (press /)\" "
+        "<input id=\"filter\" type=\"search\" placeholder=\"Filter prompts and outputs\" "
         "aria-label=\"Filter prompts and outputs\" autocomplete=\"off\" spellcheck=\"false\">"
         "<label class=\"only\"><input type=\"checkbox\" id=\"only-attention\"> only stale, missing, skipped</label>"
         "<span id=\"shown\" aria-live=\"polite\"></span>"
@@ -222,11 +222,10 @@ def _tokens(count: int | None) -> str:
 
 def _source(file: FileText, label: str, *, open_: bool) -> str:
     """A collapsible view of an input's text with its token count."""
-    summary = f"{label} · {_tokens(file.tokens)}"
     if file.text is None:
-        return f"<p class=\"skip\">{_e(file.name)} {_e(file.problem)}</p>"
-    note = f"<p class=\"note\">{_e(file.name)} {_e(file.problem)}</p>" if file.problem else ""
-    return (f"<details class=\"source\"{' open' if open_ else ''}><summary>{_e(summary)}</summary>{note}"
+        return ""  # unreadable: its reason is among the input's skip reasons
+    summary = f"{label} · {_tokens(file.tokens)}"
+    return (f"<details class=\"source\"{' open' if open_ else ''}><summary>{_e(summary)}</summary>"
             f"<pre>{_e(file.text)}</pre></details>\n")
 
 
@@ -264,7 +263,7 @@ def _card(output: OutputView, item: InputView, data: ReportData) -> str:
             f"data-key=\"{_e(output.key)}\"><div class=\"card-head\"><span class=\"key\">{_e(label)}</span>{badges}"
             f"<span class=\"tokens\">{_tokens(output.tokens)}</span><span class=\"sim\"></span>"
             f"<button type=\"button\" class=\"ref-button\" title=\"highlight how the other outputs differ from this one\">"
-            f"compare</button></div>{_context_bar(output, item, data)}{text}{_record(output)}</div>")
+            f"compare</button></div>{_context_bar(output, item, data)}{text}{_record(output, data)}</div>")
 
 
 def _context_bar(output: OutputView, item: InputView, data: ReportData) -> str:
@@ -285,13 +284,14 @@ def _context_bar(output: OutputView, item: InputView, data: ReportData) -> str:
             f"<span class=\"ctx-n\">{total:,} / {n_ctx:,}</span></div>")
 
 
-def _record(output: OutputView) -> str:
+def _record(output: OutputView, data: ReportData) -> str:
     record = output.record
     if record is None:
         return "<div class=\"rec none\">no record of how it was made</div>"
     speed = f"{record.tokens_per_second:.1f} tok/s" if record.tokens_per_second is not None else ""
     seed = "greedy" if record.seed is None else f"seed {record.seed}"
-    summary = " · ".join(part for part in [record.model, seed, speed] if part)
+    model = record.model if len(data.models) > 1 else ""  # one model: the header names it
+    summary = " · ".join(part for part in [model, seed, speed] if part)
     sampling = " · ".join(f"{short} {record.sampling[name]}" for name, short in _SAMPLING_SHORT
                           if name in record.sampling)
     rows = [("model", record.model), ("backend", record.backend), ("sampling", sampling),

@@ -10,6 +10,7 @@ import enum
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .errors import InputFileError
@@ -120,7 +121,9 @@ class ReportData:
         records = [o.record for o in self.outputs() if o.record is not None]
         return max(records, key=lambda r: r.created).run_id if records else None
 
+    @cached_property
     def models(self) -> list[str]:
+        """The models named by the outputs' records (read once: the outputs are collected)."""
         return sorted({o.record.model for o in self.outputs() if o.record is not None})
 
 

@@ -121,6 +121,15 @@
   onlyAttention.addEventListener("change", applyFilter);
 
   // ----- keyboard --------------------------------------------------------------------------
+  // The item j/k moves to scrolls to just below the sticky toolbar, whose height wraps with the width.
+  function noteToolbarHeight() {
+    var toolbar = document.querySelector(".toolbar");
+    var sticky = getComputedStyle(toolbar).position === "sticky";
+    document.documentElement.style.setProperty("--toolbar-height", (sticky ? toolbar.offsetHeight : 0) + "px");
+  }
+  noteToolbarHeight();
+  window.addEventListener("resize", noteToolbarHeight);
+
   function setCurrent(index) {
     if (current >= 0) { items[current].classList.remove("current"); }
     current = index;
