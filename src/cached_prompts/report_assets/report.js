@@ -113,7 +113,7 @@
       group.hidden = !(anyShown || empty);
     });
     var filtering = needle !== "" || attention;
-    shown.textContent = filtering ? visible + " of " + items.length + " shown" : items.length + " prompts and drafts";
+    shown.textContent = filtering ? visible + " of " + items.length + " shown" : "";
     noMatch.hidden = !(filtering && visible === 0);
     if (current >= 0 && items[current].hidden) { setCurrent(-1); }
   }
