@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -172,6 +174,18 @@ def test_report_flag_and_config_refresh_the_page(cli, workspace: Path, open_page
     other = workspace / "elsewhere" / "page.html"
     code, out, _ = cli(workspace, "report", "-o", str(other))
     assert code == 0 and out.strip() == str(other) and other.is_file()
+
+
+def test_open_hands_the_page_to_the_web_browser(workspace: Path, tmp_path: Path) -> None:
+    opened = tmp_path / "opened.txt"
+    # $BROWSER is what Python's webbrowser runs: here a command that notes the URL it gets
+    browser = f"{sys.executable} -c \"import sys; open({str(opened)!r}, 'w').write(sys.argv[1])\" %s"
+    result = subprocess.run([sys.executable, "-m", "cached_prompts.cli", "--root", str(workspace), "-q",
+                             "report", "--open"], env={**os.environ, "BROWSER": browser},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(workspace / "report.html")
+    assert opened.read_text(encoding="utf-8") == (workspace / "report.html").as_uri()
 
 
 # ----- marks, filter, keys, diff (outputs written directly) ------------------------------------------
