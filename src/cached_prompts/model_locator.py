@@ -97,8 +97,10 @@ def _sha256_file(path: Path) -> str:
 def _read_memo(memo_file: Path | None) -> dict[str, str]:
     if memo_file is None:
         return {}
+    from .fsutil import read_regular  # in the untrusted cache folder: no links, FIFOs, devices
+
     try:
-        data = json.loads(memo_file.read_text("utf-8"))
+        data = json.loads(read_regular(memo_file, 1 << 20)[0].decode("utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
