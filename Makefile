@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup example test bench clean chromium
+.PHONY: setup example test bench clean chromium llama-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ example: $(STAMP)
 chromium:
 	scripts/install-chromium.sh
 
-test: $(STAMP) chromium
+# llama.cpp's llama-server, built once per machine into ~/.cache/cached-prompts (tests of the
+# server backend skip without it).
+llama-server:
+	scripts/build-llama-server.sh
+
+test: $(STAMP) chromium llama-server
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -17,7 +17,7 @@ from . import cache_admin, commands, token_stats
 from .backend import Backend
 from .backends import open_backend
 from .errors import CachedPromptsError, OptionsError
-from .options import OPTION_MODELS, EngineOptions, SamplingOptions, split_by_model
+from .options import OPTION_MODELS, EngineOptions, SamplingOptions, ServerOptions, server_options, split_by_model
 from .workspace import Workspace
 
 log = logging.getLogger("cached_prompts")
@@ -85,6 +85,8 @@ def _common_parser() -> argparse.ArgumentParser:
     _add_option_flags(model_group, EngineOptions)
     sampling_group = common.add_argument_group("sampling (the REPL's inference_parameters use the same names)")
     _add_option_flags(sampling_group, SamplingOptions)
+    server_group = common.add_argument_group("servers (instead of the local engine; README, \"Servers\")")
+    _add_option_flags(server_group, ServerOptions)
     return common
 
 
@@ -234,6 +236,8 @@ def run_command(args: argparse.Namespace) -> int:
     workspace.check_exists()
     engine_options, sampling = resolve_options(args, workspace)
     verbose = getattr(args, "verbose", False)
+    servers = server_options(workspace.load_config(), {k: v for k, v in vars(args).items() if k in OPTION_NAMES},
+                             "options (command-line flags, $CACHED_PROMPTS_SERVER or cached-prompts.toml)")
     if args.command == "cache":
         print(cache_admin.run(args.cache_action, workspace.cache_dir, engine_options,
                               max_size=getattr(args, "max_size", None), as_json=args.json))
@@ -241,8 +245,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "stdio-json-repl":
         from .repl import serve
 
-        return serve(engine_options, sampling, workspace, verbose=verbose)
-    with open_backend(engine_options, workspace, verbose=verbose) as backend:
+        return serve(engine_options, sampling, workspace, verbose=verbose, server_options=servers)
+    with open_backend(engine_options, workspace, verbose=verbose, server_options=servers) as backend:
         return _dispatch(args, workspace, backend, sampling, refresh_report=engine_options.report)
 
 

@@ -13,7 +13,7 @@ from itertools import groupby
 from pathlib import Path
 
 from .backend import Backend, Completion, GenerationRequest, PreludeKind, PreludeSource, PromptJob
-from .errors import ContextOverflowError, InputFileError
+from .errors import ContextOverflowError, IncompleteOutputsError, InputFileError
 from .options import SamplingOptions, derive_seed
 from .progress import Progress
 from .workspace import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, read_input_text, stale,
@@ -175,9 +175,12 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
     budget = len(batch) * len(keys) * sampling.max_tokens
     request = GenerationRequest(prelude, [PromptJob(item.full, seeds_for(keys, sampling)) for item in batch],
                                 sampling, label, kind=kind, store=kind != PreludeKind.DRAFT)
+    lost: IncompleteOutputsError | None = None
     try:
         completions = backend.generate(request, on_prefill=progress.prefill,
                                        on_step=lambda new: progress.generated(new, described, budget))
+    except IncompleteOutputsError as error:  # servers: write what was made, name the rest
+        completions, lost = error.completed, error
     except ContextOverflowError as error:
         if len(batch) == 1:
             progress.finish_item()
@@ -190,6 +193,9 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
         return
     for item, item_completions in zip(batch, completions):
         progress.finish_item()
+        if item_completions is None:
+            report.skip(item.path, lost)
+            continue
         _write_outputs(item, item_completions, report)
 
 

@@ -45,3 +45,20 @@ class CacheWriteError(CacheError):
 
 class ProtocolError(CachedPromptsError):
     """A JSON-protocol request is malformed."""
+
+
+class ServerError(CachedPromptsError):
+    """A server refused a request (its own message is in ours) or answered off its protocol."""
+
+
+class ServerDownError(ServerError):
+    """A server cannot be used now (refused connection, 5xx, timeout); another may take its work."""
+
+
+class IncompleteOutputsError(ServerError):
+    """Some outputs of a request could be made on no server. `completed` holds, per prompt
+    job, its completions, or None for a job whose outputs are lost (named in the message)."""
+
+    def __init__(self, message: str, completed: list) -> None:
+        super().__init__(message)
+        self.completed = completed

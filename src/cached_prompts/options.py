@@ -157,7 +157,76 @@ class EngineOptions(BaseModel):
         return self.n_threads or os.cpu_count() or 1
 
 
-OPTION_MODELS: tuple[type[BaseModel], ...] = (EngineOptions, SamplingOptions)
+ServerApiName = Literal["auto", "llama", "openai"]
+SERVER_ENV = "CACHED_PROMPTS_SERVER"
+DEFAULT_SERVER_TIMEOUT = 600.0
+
+
+def normalize_server_url(value: str) -> str:
+    """`http(s)://host[:port][/path]` without a trailing slash; anything else is refused."""
+    import httpx
+
+    text = value.strip().rstrip("/")
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, TypeError) as error:
+        raise ValueError(f"{value!r} is not a URL ({error})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{value!r} is not a server URL; write it as http://HOST:PORT, "
+                         "e.g. http://127.0.0.1:8080")
+    if url.query or url.fragment:
+        raise ValueError(f"{value!r}: a server URL has no ?query or #fragment")
+    return text
+
+
+class ServerOptions(BaseModel):
+    """Servers that tokenize and generate instead of the local engine (none: the local engine)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    servers: list[str] = Field(
+        default_factory=list,
+        json_schema_extra=_flag(
+            "--server", "URL of a llama-server or OpenAI-compatible (vLLM) server; repeatable "
+            f"(default: ${SERVER_ENV}, comma-separated, then servers in cached-prompts.toml); "
+            "none: the local engine", repeatable=True))
+    server_api: ServerApiName = Field(
+        "auto", json_schema_extra=_flag(
+            "--server-api", "auto: llama-server if it answers /props, else OpenAI-compatible "
+            "/v1/completions"))
+    server_timeout: float = Field(
+        DEFAULT_SERVER_TIMEOUT, gt=0.0, json_schema_extra=_flag(
+            "--server-timeout", "seconds a server may take to answer one request before it counts as down"))
+    server_parallel: int | None = Field(
+        None, ge=1, json_schema_extra=_flag(
+            "--server-parallel", "outputs in flight per server (default: llama-server's slots from "
+            "/props; 8 for OpenAI-compatible servers)"))
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("servers")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(normalize_server_url(url) for url in value))
+
+
+OPTION_MODELS: tuple[type[BaseModel], ...] = (EngineOptions, SamplingOptions, ServerOptions)
+SERVER_KEYS = frozenset(ServerOptions.model_fields)
+
+
+def server_options(config: dict[str, Any], flags: dict[str, Any], where: str,
+                   environ: dict[str, str] | None = None) -> ServerOptions:
+    """The server options of a run: flags, then `$CACHED_PROMPTS_SERVER` (servers only), then
+    the workspace config. Keys of other models are ignored here."""
+    values = {k: v for k, v in config.items() if k in SERVER_KEYS}
+    env = (os.environ if environ is None else environ).get(SERVER_ENV, "")
+    if env.strip():
+        values["servers"] = env
+    values.update({k: v for k, v in flags.items() if k in SERVER_KEYS})
+    return build_options(ServerOptions, values, where)
 
 
 def describe_validation_error(error: ValidationError, where: str) -> str:
@@ -183,7 +252,7 @@ def split_by_model(values: dict[str, Any], where: str) -> tuple[EngineOptions, S
     """Split one flat mapping (CLI or config) into the two option models."""
     engine_keys = set(EngineOptions.model_fields)
     sampling_keys = set(SamplingOptions.model_fields) | {"temp"}
-    unknown = sorted(set(values) - engine_keys - sampling_keys)
+    unknown = sorted(set(values) - engine_keys - sampling_keys - SERVER_KEYS)  # servers: server_options()
     if unknown:
         raise OptionsError(f"{where}: unknown option(s) {', '.join(repr(k) for k in unknown)}; "
                            f"known: {', '.join(sorted(engine_keys | sampling_keys))}")

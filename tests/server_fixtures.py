@@ -1,0 +1,142 @@
+"""Real llama-server processes for the server backend's tests.
+
+The binary is the one `make llama-server` builds (scripts/build-llama-server.sh) into the
+tools cache; `$CACHED_PROMPTS_LLAMA_SERVER` may name another. Tests that need it skip with
+the reason when it is missing. Every server started here is stopped when its test ends,
+also when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cached_prompts.model_locator import default_model_path
+
+VERSION = "0.3.36"
+BINARY_ENV = "CACHED_PROMPTS_LLAMA_SERVER"
+START_TIMEOUT = 120.0
+
+
+def llama_server_binary() -> Path | None:
+    named = os.environ.get(BINARY_ENV)
+    if named:
+        return Path(named)
+    tools = os.environ.get("CACHED_PROMPTS_TOOLS") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cached-prompts")
+    binary = Path(tools) / f"llama-server-{VERSION}" / "bin" / "llama-server"
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LlamaServer:
+    """One llama-server process on 127.0.0.1 serving the default SmolLM2 model."""
+
+    def __init__(self, binary: Path, log_dir: Path, *, port: int | None = None, ctx: int = 2048,
+                 parallel: int = 6, slot_dir: Path | None = None, threads: int = 1) -> None:
+        self.binary, self.port = binary, port or free_port()
+        self.ctx, self.parallel, self.threads = ctx, parallel, threads
+        self.slot_dir = slot_dir
+        self.log_path = log_dir / f"llama-server-{self.port}-{time.monotonic_ns()}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "LlamaServer":
+        command = [str(self.binary), "-m", str(default_model_path()), "--host", "127.0.0.1",
+                   "--port", str(self.port), "-c", str(self.ctx), "-np", str(self.parallel),
+                   "-t", str(self.threads), "-tb", str(self.threads), "--metrics", "--no-webui"]
+        if self.slot_dir is not None:
+            self.slot_dir.mkdir(parents=True, exist_ok=True)
+            command += ["--slot-save-path", str(self.slot_dir)]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"llama-server did not get ready in {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def metrics(self) -> dict[str, float]:
+        values = {}
+        for line in httpx.get(f"{self.url}/metrics", timeout=10.0).text.splitlines():
+            if line.startswith("llamacpp:"):
+                name, _, value = line.partition(" ")
+                values[name.removeprefix("llamacpp:")] = float(value)
+        return values
+
+    def prompt_tokens(self) -> int:
+        """Prompt tokens this server has evaluated (not taken from its cache) since it started."""
+        return int(self.metrics()["prompt_tokens_total"])
+
+    def busy(self) -> bool:
+        slots = httpx.get(f"{self.url}/slots", timeout=5.0).json()
+        return any(slot.get("is_processing") for slot in slots)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies mid-request, as a crashed or lost machine would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+@pytest.fixture
+def llama_servers(tmp_path: Path) -> Iterator[Callable[..., LlamaServer]]:
+    """`start(**options)` starts a llama-server; all of them are stopped after the test."""
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip("llama-server is not built; run `make llama-server`")
+    started: list[LlamaServer] = []
+
+    def start(**options: object) -> LlamaServer:
+        server = LlamaServer(binary, tmp_path, **options)  # type: ignore[arg-type]
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
