@@ -21,15 +21,18 @@ if [ -x "$BINARY" ] && "$BINARY" --version >/dev/null 2>&1; then
     exit 0
 fi
 
-for tool in cmake ninja c++; do
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "building llama-server needs '$tool' on PATH (e.g. apt-get install cmake ninja-build g++," >&2
-        echo "or pip install cmake ninja into the Python that runs this script)." >&2
-        exit 1
-    fi
-done
-
+if ! command -v c++ >/dev/null 2>&1; then
+    echo "building llama-server needs a C++ compiler (c++ on PATH), e.g. apt-get install g++" >&2
+    exit 1
+fi
 mkdir -p "$PREFIX"
+if ! command -v cmake >/dev/null 2>&1 || ! command -v ninja >/dev/null 2>&1; then
+    # CMake and Ninja from PyPI, in a virtual environment of their own next to the build.
+    echo "cmake or ninja is missing; installing both from PyPI into $PREFIX/.build-tools ..."
+    "$PYTHON" -m venv "$PREFIX/.build-tools"
+    "$PREFIX/.build-tools/bin/pip" install --quiet cmake ninja
+    export PATH="$PREFIX/.build-tools/bin:$PATH"
+fi
 # One build at a time per machine: a second caller waits, then finds the binary built.
 exec 9>"$PREFIX/.build.lock"
 if command -v flock >/dev/null 2>&1; then

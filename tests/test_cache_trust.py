@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from .conftest import CHATML_SYSTEM, PRELUDE, age, prompt_for, write
+from .conftest import CHATML_SYSTEM, PRELUDE, age, generate, prompt_for, write
 
 from cached_prompts import locks
 from cached_prompts.cache import (FOLDER_LOCK, META_SUFFIX, STATE_SUFFIX, CacheStore, StateSettings,
@@ -195,7 +195,7 @@ def test_leftovers_of_killed_writers_are_removed_but_live_writes_are_left_alone(
         tmp_path: Path, make_runner, caplog: pytest.LogCaptureFixture) -> None:
     cache = tmp_path / "cache"
     runner = make_runner(cache)
-    runner.load_prelude(runner.prelude_tokens(PRELUDE, "p"), "dictionary")
+    runner.prepare_prelude(runner.prelude_tokens(PRELUDE, "p"), "dictionary")
     (name,) = entry_names(cache)
     kv = (cache / f"{name}{STATE_SUFFIX}").read_bytes()
     dead_temp = write(cache / f"{TEMP_PREFIX}dead{TEMP_SUFFIX}", "half")
@@ -303,13 +303,13 @@ def test_a_cache_of_one_model_is_not_used_with_another(tmp_path: Path, make_runn
     cache = tmp_path / "cache"
     first = make_runner(cache)
     tokens = first.prelude_tokens(PRELUDE, "p")
-    assert first.load_prelude(tokens, "dictionary").source == "computed"
+    assert first.prepare_prelude(tokens, "dictionary").source == "computed"
     other = make_runner(cache, model_path=str(_other_model(model_path, tmp_path / "other.gguf")))
     assert other.prelude_tokens(PRELUDE, "p") == tokens
-    assert other.load_prelude(tokens, "dictionary").source == "computed"
+    assert other.prepare_prelude(tokens, "dictionary").source == "computed"
     entries = CacheStore(cache, first.settings).entries(all_settings=True)
     assert len({e.settings["model_sha256"] for e in entries}) == 2 and len(entries) == 2
-    assert make_runner(cache).load_prelude(tokens, "dictionary").source == "cache"
+    assert make_runner(cache).prepare_prelude(tokens, "dictionary").source == "cache"
 
 
 def test_a_cache_of_one_kv_type_is_not_used_with_another(tmp_path: Path, make_runner) -> None:
@@ -318,15 +318,15 @@ def test_a_cache_of_one_kv_type_is_not_used_with_another(tmp_path: Path, make_ru
     cache = tmp_path / "cache"
     f16 = make_runner(cache)
     tokens = f16.prelude_tokens(PRELUDE, "p")
-    prompt = f16.prompt_tokens(prompt_for("river"))
-    f16.generate(tokens, prompt, GREEDY, [None], label="dictionary")
+    prompt = f16.joint_tokens(PRELUDE, prompt_for("river"))
+    generate(f16, tokens, prompt, GREEDY, [None], label="dictionary")
     q8 = make_runner(cache, kv_type="q8_0")
-    uncached = q8.generate(tokens, prompt, GREEDY, [None], label="dictionary")
+    uncached = generate(q8, tokens, prompt, GREEDY, [None], label="dictionary")
     assert q8.counters.sources == ["computed"]
     entries = CacheStore(cache, q8.settings).entries(all_settings=True)
     assert sorted(e.settings["kv_type"] for e in entries) == ["f16", "q8_0"]
     q8_again = make_runner(cache, kv_type="q8_0")
-    assert q8_again.generate(tokens, prompt, GREEDY, [None], label="dictionary") == uncached
+    assert generate(q8_again, tokens, prompt, GREEDY, [None], label="dictionary") == uncached
     assert q8_again.counters.sources == ["cache"] and uncached[0]
 
 
@@ -396,16 +396,16 @@ def test_eviction_removes_the_least_recently_used_and_use_refreshes(tmp_path: Pa
                   "<|im_start|>assistant\nchat<|im_end|>\n<|im_start|>user\n"}
     tokens = {label: runner.prelude_tokens(text, label) for label, text in texts.items()}
     for label in ("a", "b"):
-        runner.load_prelude(tokens[label], label)
+        runner.prepare_prelude(tokens[label], label)
     age(cache / f"{entry_of(cache, 'a')}{META_SUFFIX}", 50)
     age(cache / f"{entry_of(cache, 'b')}{META_SUFFIX}", 100)
     before = (cache / f"{entry_of(cache, 'b')}{META_SUFFIX}").stat().st_mtime
     reader = make_runner(cache)
-    assert reader.load_prelude(tokens["b"], "b").source == "cache"
+    assert reader.prepare_prelude(tokens["b"], "b").source == "cache"
     assert (cache / f"{entry_of(cache, 'b')}{META_SUFFIX}").stat().st_mtime > before  # used: refreshed
     limit = folder_size(cache) + 1024  # room for "c" only if "a" goes
     small = make_runner(cache, cache_max_size=str(limit))
-    small.load_prelude(tokens["c"], "c")
+    small.prepare_prelude(tokens["c"], "c")
     assert [n.rsplit(".", 1)[0] for n in entry_names(cache)] == ["b", "c"]
     assert folder_size(cache) <= limit
 

@@ -110,7 +110,7 @@ def test_an_entry_that_cannot_be_restored_is_replaced(make_runner, tmp_path: Pat
     meta_path.write_text(json.dumps(meta))
     second = make_runner(cache)
     assert second.prepare_prelude(prelude, "p").source == PreludeSource.COMPUTED
-    assert "could not be restored" in caplog.text
+    assert "could not restore it" in caplog.text
     third = make_runner(cache)
     assert third.prepare_prelude(prelude, "p").source == PreludeSource.CACHE
 
@@ -159,3 +159,22 @@ def test_prelude_ids_with_the_same_file_name_form_get_their_own_entries(make_run
     dropped = session.handle_request(json.dumps({"command": "drop_prelude", "arguments": {"prelude_id": ids[1]}}))
     assert dropped["value"] == 1
     assert [item["prelude_id"] for item in session.handle_request('{command: "list_preludes"}')["value"]] == [ids[0]]
+
+
+def test_input_files_are_read_only_when_regular_and_bounded(cli, workspace: Path, tmp_path: Path) -> None:
+    shared = write(tmp_path / "shared-prelude.txt", PRELUDE)
+    (workspace / "preludes" / "linked.txt").symlink_to(shared)  # a prelude shared by a link is read
+    write(workspace / "test_prompts" / "linked---x.txt", prompt_for("river"))
+    with (workspace / "test_prompts" / "dictionary---huge.txt").open("wb") as handle:
+        handle.truncate(17 << 20)  # sparse: bigger than any input could need
+    code, _, err = cli(workspace, "outputs-test-prompts", "-d", "--max-tokens", "2")
+    assert code == 1
+    assert "dictionary---huge.txt" in err and "larger than" in err
+    assert (workspace / OUTPUTS / "linked---x.output-deterministic.txt").is_file()
+
+
+def test_a_folder_where_an_output_goes_is_skipped_also_when_forced(cli, workspace: Path) -> None:
+    (workspace / OUTPUTS / "dictionary---river.output-deterministic.txt").mkdir(parents=True)
+    code, _, err = cli(workspace, "outputs-test-prompts", "-d", "-f", "--max-tokens", "2")
+    assert code == 1 and "is a folder, not a file" in err
+    assert (workspace / OUTPUTS / "dictionary---library.output-deterministic.txt").is_file()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ContextOverflowError, InputFileError
+from .errors import ConstraintError, ContextOverflowError, InputFileError
 from .options import SamplingOptions
 
 ProgressCallback = Callable[[int, int], None]  # (done, total) tokens of a prefill
@@ -104,6 +104,7 @@ class PromptJob:
 
     full: list[int]  # joint tokens of prelude + prompt text
     seeds: list[int | None]
+    grammar: str | None = None  # GBNF (root rule `root`) every output of this prompt must match
 
 
 @dataclass
@@ -229,6 +230,13 @@ class Backend(ABC):
     @abstractmethod
     def drop_prelude(self, label: str, kind: PreludeKind) -> int:
         """Remove the label's stored states (for any model); how many were removed."""
+
+    def check_grammar(self, grammar: str, source: str) -> None:
+        """Raise ConstraintError if `grammar` (GBNF) cannot constrain this backend's outputs.
+        A backend that applies `PromptJob.grammar` overrides this; the others refuse, so a
+        constraint is never silently ignored."""
+        raise ConstraintError(f"{source}: the {self.kind.value} backend cannot constrain outputs with a "
+                              "grammar or JSON schema; use the local engine (no --server)")
 
     def close(self) -> None:
         """Free what the backend holds (model, context, connections)."""

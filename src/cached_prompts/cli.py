@@ -13,7 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from . import cache_admin, commands, token_stats
+from . import cache_admin, commands, method_cli, token_stats
 from .backend import Backend
 from .backends import open_backend
 from .errors import CachedPromptsError, OptionsError
@@ -34,6 +34,7 @@ COMMANDS = {
     "show-stats-on-tokens-number": "show how many tokens every file and combination takes",
     "stdio-json-repl": "serve JSON requests on stdin, one response line per request on stdout",
     "report": "write report.html: every prompt with its outputs side by side, in one page",
+    **method_cli.COMMANDS,
 }
 
 
@@ -130,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="one greedy (temperature 0) answer per prompt instead")
         if name == "show-stats-on-tokens-number":
             command.add_argument("--json", action="store_true", help="print the numbers as JSON")
+        if name == "stdio-json-repl":
+            command.add_argument("--batch-waiting", action="store_true",
+                                 help="decode single_prompt lines already waiting on stdin together (same "
+                                      "prelude and sampling); their outputs then depend on what was batched")
+        method_cli.add_arguments(name, command)
         if name == "report":
             command.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
                                  help="where to write the page (default: report.html at the workspace root)")
@@ -193,23 +199,9 @@ def resolve_options(args: argparse.Namespace, workspace: Workspace) -> tuple[Eng
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        if getattr(args, "full_help", False):
-            print(full_help(parser))
-            return 0
-        if not args.command:
-            parser.print_help()
-            return 2
-        setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
-        try:
-            return run_command(args)
-        except CachedPromptsError as error:
-            log.error("%s", error)
-            return 1
-        except KeyboardInterrupt:
-            log.error("interrupted; finished outputs are kept, the rest will be made on the next run")
-            return 130
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`| head`) is handled below
+        return code
     except BrokenPipeError:
         if not _stdout_reader_left():
             raise  # another pipe or socket broke: a real error
@@ -219,6 +211,26 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "full_help", False):
+        print(full_help(parser))
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    setup_logging(getattr(args, "quiet", False), getattr(args, "verbose", False))
+    try:
+        return run_command(args)
+    except CachedPromptsError as error:
+        log.error("%s", error)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; finished outputs are kept, the rest will be made on the next run")
+        return 130
 
 
 def _stdout_reader_left() -> bool:
@@ -232,6 +244,8 @@ def _stdout_reader_left() -> bool:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.command == "init":
+        return method_cli.run_init(args, getattr(args, "model_path", None))
     workspace = Workspace(Path(getattr(args, "root", Path.cwd())).resolve())
     workspace.check_exists()
     engine_options, sampling = resolve_options(args, workspace)
@@ -245,7 +259,11 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "stdio-json-repl":
         from .repl import serve
 
-        return serve(engine_options, sampling, workspace, verbose=verbose, server_options=servers)
+        return serve(engine_options, sampling, workspace, verbose=verbose, server_options=servers,
+                     batch_waiting=args.batch_waiting)
+    if args.command in method_cli.COMMANDS:
+        return method_cli.run(args, workspace, lambda: open_backend(engine_options, workspace, verbose=verbose,
+                                                                    server_options=servers))
     with open_backend(engine_options, workspace, verbose=verbose, server_options=servers) as backend:
         return _dispatch(args, workspace, backend, sampling, refresh_report=engine_options.report)
 
@@ -274,16 +292,17 @@ def _dispatch(args: argparse.Namespace, workspace: Workspace, backend: Backend, 
         log.info("outputs: %d written; inputs: %d up to date, %d skipped",
                  len(report.written), len(report.up_to_date), len(report.skipped))
         if refresh_report:
-            _write_report(args, workspace, backend, report.skipped)
+            _write_report(args, workspace, backend, report.skipped, run_id=report.run_id)
     return 1 if report.skipped else 0
 
 
 def _write_report(args: argparse.Namespace, workspace: Workspace, backend: Backend,
-                  skipped: list[tuple[Path, str]]) -> None:
+                  skipped: list[tuple[Path, str]], run_id: str | None = None) -> None:
     from . import report as report_page
 
     output = getattr(args, "output", None)
-    path = report_page.refresh_report(workspace, backend, output.resolve() if output else None, skipped=skipped)
+    path = report_page.refresh_report(workspace, backend, output.resolve() if output else None,
+                                      run_id=run_id, skipped=skipped)
     if args.command == "report":
         print(path)
         if args.open:

@@ -8,6 +8,7 @@ still done; anything else stops the run.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -16,8 +17,10 @@ from .backend import Backend, Completion, GenerationRequest, PreludeKind, Prelud
 from .errors import ContextOverflowError, IncompleteOutputsError, InputFileError
 from .options import SamplingOptions, derive_seed
 from .progress import Progress
-from .workspace import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, read_input_text, stale,
-                        write_output)
+from .run_records import OutputRecord, new_run_id, read_record, utc_now, write_records
+from .structured import freshness_inputs, load_constraint
+from .workspace import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, read_input_text,
+                        remove_stale_output_temp_files, stale, write_output)
 
 log = logging.getLogger(__name__)
 SKIPPABLE = (InputFileError, ContextOverflowError)
@@ -28,6 +31,7 @@ class RunReport:
     written: list[Path] = field(default_factory=list)
     up_to_date: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    run_id: str = field(default_factory=new_run_id)  # in every output's record
 
     def skip(self, path: Path, error: Exception) -> None:
         log.error("skipped %s: %s", path.name, error)
@@ -43,6 +47,31 @@ def seeds_for(keys: list[int | str], sampling: SamplingOptions) -> list[int | No
     if sampling.greedy:
         return [None] * len(keys)
     return [None if key == DETERMINISTIC else derive_seed(sampling.seed, int(key)) for key in keys]
+
+
+class Freshness:
+    """Make-like freshness, plus the model: outputs that another model made are stale (their
+    records say which model made them; outputs without a record are judged by time only)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._model_id = backend.model_id
+        self._model_name = backend.model_name
+        self._warned = False
+
+    def stale(self, outputs: list[Path], inputs: list[Path]) -> bool:
+        if any(stale(output, inputs) for output in outputs):
+            return True
+        return any(self._other_model(output) for output in outputs)
+
+    def _other_model(self, output: Path) -> bool:
+        record = read_record(output)
+        if record is None or record.model_id == self._model_id:
+            return False
+        if not self._warned:
+            self._warned = True
+            log.warning("outputs such as %s were made by the model %s, this run uses %s: "
+                        "they are made again", output.name, record.model, self._model_name)
+        return True
 
 
 class PreludeTexts:
@@ -67,6 +96,7 @@ class _Input:
     path: Path
     full: list[int]
     outputs: list[Path]
+    grammar: str | None = None  # from its schema or grammar sidecar (structured.py)
 
 
 def precache_preludes(workspace: Workspace, backend: Backend) -> RunReport:
@@ -96,11 +126,18 @@ def outputs_for_drafts(workspace: Workspace, backend: Backend, sampling: Samplin
                        n: int, force: bool) -> RunReport:
     """N sampled answers per draft; a draft is a prelude with an empty prompt."""
     report = RunReport()
+    remove_stale_output_temp_files(workspace)
     keys = output_keys(n, False)
+    fresh = Freshness(backend)
     todo = []
     for draft in workspace.drafts():
         outputs = [workspace.draft_output(draft, key) for key in keys]
-        if force or any(stale(o, [draft]) for o in outputs):
+        try:
+            is_stale = fresh.stale(outputs, freshness_inputs(draft)) or force  # checks the outputs too
+        except SKIPPABLE as error:
+            report.skip(draft, error)
+            continue
+        if is_stale:
             todo.append((draft, outputs))
         else:
             report.up_to_date.append(draft)
@@ -108,11 +145,12 @@ def outputs_for_drafts(workspace: Workspace, backend: Backend, sampling: Samplin
     for draft, outputs in todo:
         try:
             tokens = backend.prelude_tokens(read_input_text(draft), f"{DRAFTS}/{draft.name}")
+            grammar = load_constraint(draft, backend)
         except SKIPPABLE as error:
             report.skip(draft, error)
             progress.finish_item()
             continue
-        _generate(backend, progress, f"{DRAFTS}/{draft.name}", tokens, [_Input(draft, tokens, outputs)],
+        _generate(backend, progress, f"{DRAFTS}/{draft.name}", tokens, [_Input(draft, tokens, outputs, grammar)],
                   sampling, keys, label=f"draft {draft.stem}", kind=PreludeKind.DRAFT, report=report)
     return report
 
@@ -121,16 +159,19 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
                          n: int, deterministic: bool, force: bool) -> RunReport:
     """Answers per test prompt: N sampled ones, or one greedy with `deterministic`."""
     report = RunReport()
+    remove_stale_output_temp_files(workspace)
     keys = output_keys(n, deterministic)
+    fresh = Freshness(backend)
     todo = []
     for path in workspace.test_prompt_files():
         try:
             prompt = workspace.test_prompt(path)
+            outputs = [workspace.prompt_output(path, key) for key in keys]
+            is_stale = fresh.stale(outputs, [*freshness_inputs(path), prompt.prelude_path]) or force
         except SKIPPABLE as error:
             report.skip(path, error)
             continue
-        outputs = [workspace.prompt_output(path, key) for key in keys]
-        if force or any(stale(o, [path, prompt.prelude_path]) for o in outputs):
+        if is_stale:
             todo.append((prompt, outputs))
         else:
             report.up_to_date.append(path)
@@ -144,11 +185,12 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
                 prelude_text, prelude = preludes(prelude_path)
                 full = backend.joint_tokens(prelude_text, read_input_text(prompt.path))
                 backend.check_fits(prelude, full)
+                grammar = load_constraint(prompt.path, backend)
             except SKIPPABLE as error:
                 report.skip(prompt.path, error)
                 progress.finish_item()
                 continue
-            ready.append(_Input(prompt.path, full, outputs))
+            ready.append(_Input(prompt.path, full, outputs, grammar))
         if not ready:
             continue
         prelude = preludes(prelude_path)[1]
@@ -173,8 +215,10 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
     sizes = "/".join(str(len(item.full) - len(prelude)) for item in batch)
     progress.start_item(name, f"{described}, {len(prelude)} + {sizes} tokens")
     budget = len(batch) * len(keys) * sampling.max_tokens
-    request = GenerationRequest(prelude, [PromptJob(item.full, seeds_for(keys, sampling)) for item in batch],
+    request = GenerationRequest(prelude, [PromptJob(item.full, seeds_for(keys, sampling), item.grammar)
+                                          for item in batch],
                                 sampling, label, kind=kind, store=kind != PreludeKind.DRAFT)
+    started = time.monotonic()
     lost: IncompleteOutputsError | None = None
     try:
         completions = backend.generate(request, on_prefill=progress.prefill,
@@ -191,12 +235,14 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
             _generate(backend, progress, f"{TEST_PROMPTS}/{item.path.name}", prelude, [item], sampling, keys,
                       label=label, kind=kind, report=report)
         return
+    seconds = time.monotonic() - started
     for item, item_completions in zip(batch, completions):
         progress.finish_item()
         if item_completions is None:
             report.skip(item.path, lost)
             continue
-        _write_outputs(item, item_completions, report)
+        made = _Made(backend, sampling, report.run_id, seconds, len(prelude), len(item.full) - len(prelude))
+        _write_outputs(item, item_completions, made, report)
 
 
 def _describe(n_inputs: int, keys: list[int | str]) -> str:
@@ -207,7 +253,29 @@ def _describe(n_inputs: int, keys: list[int | str]) -> str:
     return f"{n_inputs} prompts x {len(keys)} outputs"
 
 
-def _write_outputs(item: _Input, completions: list[Completion], report: RunReport) -> None:
+@dataclass
+class _Made:
+    """What made a set of outputs, for their records (run_records.py)."""
+
+    backend: Backend
+    sampling: SamplingOptions
+    run_id: str
+    seconds: float
+    prelude_tokens: int
+    prompt_tokens: int
+
+    def record(self, completion: Completion) -> OutputRecord:
+        sampling = self.sampling if completion.seed is not None else self.sampling.as_greedy()
+        return OutputRecord(model=self.backend.model_name, model_id=self.backend.model_id,
+                            backend=self.backend.kind.value, sampling=sampling.model_dump(),
+                            seed=completion.seed, created=utc_now(), run_id=self.run_id,
+                            generated_tokens=completion.tokens, seconds=round(self.seconds, 3),
+                            prelude_tokens=self.prelude_tokens, prompt_tokens=self.prompt_tokens,
+                            n_ctx=self.backend.n_ctx)
+
+
+def _write_outputs(item: _Input, completions: list[Completion], made: _Made, report: RunReport) -> None:
     for path, completion in zip(item.outputs, completions):
         write_output(path, completion.text)
         report.written.append(path)
+    write_records((path, made.record(c)) for path, c in zip(item.outputs, completions))

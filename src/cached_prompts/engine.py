@@ -7,21 +7,27 @@ Python-level token bookkeeping, so the generation loop stays thin.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
 
-from .errors import ContextOverflowError, EngineError, ModelError
+from .architecture import Architecture, MemoryKind, check_causal, gguf_architecture, read_architecture
+from .errors import (ConstraintError, ContextOverflowError, EngineError, ModelError, OptionsError,
+                     StateUnusableError)
 from .options import EngineOptions, SamplingOptions
 
 log = logging.getLogger(__name__)
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 MIROSTAT_M = 100
+MAX_CAPTURED_BYTES = 1 << 16
 _state = {"backend": False, "verbose": False}
 
 
@@ -40,17 +46,40 @@ def init_backend(verbose: bool) -> None:
         _state["backend"] = True
 
 
-class Model:
-    """A loaded GGUF model and its vocabulary."""
+def resolve_gpu_layers(requested: int | None) -> int:
+    """Layers to offload: the option, else all (-1) when this llama.cpp build can offload."""
+    can_offload = bool(llama_cpp.llama_supports_gpu_offload())
+    if requested is None:
+        return -1 if can_offload else 0
+    if requested != 0 and not can_offload:
+        log.warning("--lp-n-gpu-layers %d is ignored: this llama-cpp-python was built without GPU "
+                    "support (see the README's GPU offload section)", requested)
+        return 0
+    return requested
 
-    def __init__(self, path: Path) -> None:
+
+class Model:
+    """A loaded GGUF model, its vocabulary and its architecture."""
+
+    def __init__(self, path: Path, n_gpu_layers: int | None = None) -> None:
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = resolve_gpu_layers(n_gpu_layers)
         self.path = path
         self._model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
         if not self._model:
-            raise ModelError(f"llama.cpp could not load the model {path}; check that it is a "
-                             "complete GGUF file of an architecture this llama.cpp supports (-v shows why)")
+            name = gguf_architecture(path)
+            what = f"an architecture ('{name}') this llama.cpp supports" if name else "a supported architecture"
+            raise ModelError(f"llama.cpp could not load the model {path}; check that it is a complete "
+                             f"GGUF file of {what} (-v shows llama.cpp's reason)")
+        try:
+            self.architecture: Architecture = read_architecture(self._model)
+        except ModelError:
+            self.close()
+            raise
+        # Layers llama.cpp puts on the GPU: negative means all (the output layer counts as one).
+        all_layers = self.architecture.n_layer + 1
+        wanted = params.n_gpu_layers
+        self.gpu_layers = all_layers if wanted < 0 else min(wanted, all_layers)
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._piece = ctypes.create_string_buffer(256)
@@ -58,6 +87,12 @@ class Model:
     @property
     def handle(self) -> llama_cpp.llama_model_p:
         return self._model
+
+    @property
+    def device(self) -> str:
+        """Where the model's layers run, as the cache key records it: states computed on
+        another device differ in their last bits (see the README's GPU offload section)."""
+        return f"gpu:{self.gpu_layers}/{self.architecture.n_layer + 1}" if self.gpu_layers else "cpu"
 
     def tokenize(self, text: str, *, at_start: bool) -> list[int]:
         """Tokens of `text`; special tokens written in it (e.g. <|im_start|>) are parsed.
@@ -93,16 +128,39 @@ class Model:
         self.close()
 
 
+def check_context_limits(options: EngineOptions, n_seq_max: int) -> None:
+    """Refuse what llama.cpp would abort on (GGML_ASSERT) instead of returning an error.
+
+    llama_init_from_model reserves one output row per sequence in a buffer of
+    min(n_ctx, n_batch) rows and asserts that they fit; llama_decode asserts that a batch has
+    at most n_batch tokens, and a decode step has one token per sequence."""
+    if n_seq_max > llama_cpp.llama_max_parallel_sequences():
+        raise EngineError(f"{n_seq_max} sequences exceed llama.cpp's limit of "
+                          f"{llama_cpp.llama_max_parallel_sequences()}; report this bug")
+    if options.n_batch < n_seq_max:
+        raise OptionsError(f"--lp-n-batch {options.n_batch} is too small: every decode step takes one token "
+                           f"for each of up to {n_seq_max} sequences; use --lp-n-batch {n_seq_max} or more")
+    if options.n_ctx < n_seq_max:
+        raise OptionsError(f"--lp-n-ctx {options.n_ctx} is too small for {n_seq_max} sequences decoded "
+                           f"side by side; use --lp-n-ctx {n_seq_max} or more")
+
+
 class Context:
     """A llama_context with a unified KV cache shared by up to `n_seq_max` sequences."""
 
     def __init__(self, model: Model, options: EngineOptions, n_seq_max: int) -> None:
+        self._ctx = None
+        check_context_limits(options, n_seq_max)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = options.n_ctx
         params.n_batch = options.n_batch
-        params.n_ubatch = options.n_batch
+        params.n_ubatch = options.ubatch
         params.n_seq_max = n_seq_max
         params.kv_unified = True
+        # Keep every position of the sliding-window layers (llama.cpp's default today, set
+        # here because the cache depends on it): a smaller SWA cache drops positions a trimmed
+        # or partly copied state still needs. Ignored by models without SWA.
+        params.swa_full = True
         params.n_threads = options.threads
         params.n_threads_batch = options.threads
         params.type_k = KV_TYPES[options.kv_type]
@@ -113,15 +171,24 @@ class Context:
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.no_perf = True
         self.model = model
+        self.memory_kind: MemoryKind = model.architecture.memory
+        self.n_swa = model.architecture.n_swa
         self.n_ctx = options.n_ctx
-        self.n_batch = options.n_batch
         self.n_seq_max = n_seq_max
         self._ctx = llama_cpp.llama_init_from_model(model.handle, params)
         if not self._ctx:
             raise EngineError(f"llama.cpp could not create a context of {options.n_ctx} tokens; "
                               "try a smaller --lp-n-ctx (-v shows why)")
+        try:
+            check_causal(self._ctx, model.architecture)
+        except ModelError:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+            raise
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        capacity = max(options.n_batch, n_seq_max)
+        # llama.cpp lowers n_batch to n_ctx; chunks must fit what it took.
+        self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))
+        capacity = self.n_batch
         self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         self._batch_capacity = capacity
         self._ones = (ctypes.c_int32 * capacity)(*([1] * capacity))
@@ -133,21 +200,59 @@ class Context:
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self._memory, True)
 
+    def seq_length(self, seq: int) -> int:
+        """Positions 0..n-1 held by `seq`: n (0 for an empty sequence)."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq)) + 1
+
     def seq_trim(self, seq: int, keep: int) -> None:
-        """Drop positions >= keep of `seq`."""
+        """Drop positions >= keep of `seq`. Raises StateUnusableError when the state cannot be
+        cut there (a recurrent state holds only its last position) or lost the positions its
+        next token attends to (sliding-window cells llama.cpp reused)."""
+        length = self.seq_length(seq)
+        if keep >= length:
+            return
+        if not self.memory_kind.trims:
+            raise StateUnusableError(f"a {self.memory_kind.value} state of {length} tokens cannot be cut "
+                                     f"back to {keep}")
         if not llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1):
-            raise EngineError(f"llama.cpp could not trim sequence {seq} to {keep} tokens")
+            raise StateUnusableError(f"llama.cpp could not trim sequence {seq} to {keep} tokens")
+        self._check_whole(seq, keep)
 
     def seq_remove(self, seq: int) -> None:
-        llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        if not llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1):
+            raise EngineError(f"llama.cpp could not clear sequence {seq}; report this bug")
 
     def seq_copy(self, source: int, target: int, end: int = -1) -> None:
-        """Share `source`'s KV cells of positions < end (all with -1) with `target`;
-        no data is copied."""
-        llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0 if end >= 0 else -1, end)
+        """Give `target` the state of `source`'s positions < end (all with -1). KV cells are
+        shared, not copied; a recurrent state is shared whole and copied when `target` is
+        decoded into, so only the whole sequence can be copied."""
+        length = self.seq_length(source)
+        if end < 0 or end > length:
+            end = length
+        if end == 0:
+            return
+        if end < length and not self.memory_kind.trims:
+            raise StateUnusableError(f"a {self.memory_kind.value} state of {length} tokens cannot be "
+                                     f"copied up to {end}")
+        whole = end == length
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1 if whole else 0, -1 if whole else end)
+        self._check_whole(target, end)
 
-    def decode_sequence(self, tokens: Sequence[int], start: int, seq: int = 0) -> None:
-        """Decode one sequence's tokens in one call; logits are kept for the last one."""
+    def _check_whole(self, seq: int, length: int) -> None:
+        """Check that `seq` holds positions up to length - 1 and, with sliding-window layers,
+        every position its next token attends to (llama.cpp reuses cells outside a window)."""
+        last = llama_cpp.llama_memory_seq_pos_max(self._memory, seq)
+        # A recurrent state's only position is its last one, so its pos_min says nothing.
+        first = llama_cpp.llama_memory_seq_pos_min(self._memory, seq) if self.memory_kind.trims else 0
+        # The next token (position `length`) attends to positions > length - n_swa.
+        window_start = max(0, length - self.n_swa + 1) if self.memory_kind is MemoryKind.SWA else 0
+        if last != length - 1 or first > window_start:
+            raise StateUnusableError(f"sequence {seq} holds positions {first}..{last}, not the "
+                                     f"{window_start}..{length - 1} it needs")
+
+    def decode_sequence(self, tokens: Sequence[int], start: int, seq: int = 0, *, all_logits: bool = False) -> None:
+        """Decode one sequence's tokens in one call; logits are kept for the last one (for
+        every one with `all_logits`: rows of `llama_get_logits`, in order)."""
         if len(tokens) > self._batch_capacity:
             raise EngineError(f"{len(tokens)} tokens exceed the batch size {self._batch_capacity}")
         batch = self._batch
@@ -157,7 +262,7 @@ class Context:
             batch.pos[i] = start + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
-            batch.logits[i] = i == last
+            batch.logits[i] = all_logits or i == last
         batch.n_tokens = len(tokens)
         self._decode()
 
@@ -217,16 +322,40 @@ class Context:
         self.close()
 
 
-class SamplerChain:
-    """A llama.cpp sampler chain built from SamplingOptions and one seed."""
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Callable[[], list[str]]]:
+    """What C code writes to file descriptor 2 meanwhile (llama.cpp's grammar parser prints
+    its errors there, not through the log callback); the lines, after the block."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += sink.read(MAX_CAPTURED_BYTES).decode("utf-8", errors="replace").splitlines()
 
-    def __init__(self, model: Model, options: SamplingOptions, seed: int) -> None:
+
+class SamplerChain:
+    """A llama.cpp sampler chain built from SamplingOptions, one seed and, optionally, a
+    grammar that every output must match."""
+
+    def __init__(self, model: Model, options: SamplingOptions, seed: int, grammar: str | None = None) -> None:
         self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._grammar_index: int | None = None
         add = self._add
         if options.repeat_penalty != 1.0 or options.frequency_penalty or options.presence_penalty:
             add(llama_cpp.llama_sampler_init_penalties(
                 model.n_vocab, options.repeat_last_n, options.repeat_penalty,
                 options.frequency_penalty, options.presence_penalty))
+        if grammar is not None:
+            # Before top-k & co.: they must choose among the tokens the grammar allows.
+            self._grammar_index = llama_cpp.llama_sampler_chain_n(self._chain)
+            add(self.grammar_sampler(model, grammar))
         if options.greedy:
             add(llama_cpp.llama_sampler_init_greedy())
         elif options.mirostat_mode:
@@ -248,10 +377,31 @@ class SamplerChain:
     def _add(self, sampler: llama_cpp.llama_sampler_p) -> None:
         llama_cpp.llama_sampler_chain_add(self._chain, sampler)
 
+    @staticmethod
+    def grammar_sampler(model: Model, grammar: str) -> llama_cpp.llama_sampler_p:
+        """A grammar sampler (root rule `root`); ConstraintError with llama.cpp's reason if
+        the grammar does not parse (llama.cpp prints that reason on stderr: it is captured)."""
+        with _captured_stderr() as captured:
+            sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            reason = next((line.split("error parsing grammar:", 1)[1].strip() for line in captured()
+                           if "error parsing grammar:" in line), "")
+            raise ConstraintError(f"llama.cpp cannot use the grammar{f' ({reason})' if reason else ''}; "
+                                  "it must be GBNF with a rule named root and every rule it uses defined, "
+                                  "not left-recursive")
+        return sampler
+
     def remember(self, tokens: Sequence[int]) -> None:
-        """Feed earlier tokens to the penalties, as if they had been sampled."""
-        for token in tokens:
-            llama_cpp.llama_sampler_accept(self._chain, token)
+        """Feed earlier tokens to the penalties, as if they had been sampled (not to the
+        grammar: it constrains the answer, not the prompt)."""
+        if self._grammar_index is None:
+            targets = [self._chain]
+        else:
+            targets = [llama_cpp.llama_sampler_chain_get(self._chain, i)
+                       for i in range(llama_cpp.llama_sampler_chain_n(self._chain)) if i != self._grammar_index]
+        for target in targets:
+            for token in tokens:
+                llama_cpp.llama_sampler_accept(target, token)
 
     def sample(self, context: Context, index: int) -> int:
         """Sample (and accept) a token from the logits of batch row `index`."""

@@ -22,12 +22,22 @@ class EngineError(CachedPromptsError):
     """llama.cpp refused an operation (decode, state restore, ...)."""
 
 
+class StateUnusableError(EngineError):
+    """A loaded sequence state cannot be trimmed or copied as asked (a recurrent state, lost
+    sliding-window cells); the caller drops it and recomputes."""
+
+
 class ContextOverflowError(CachedPromptsError):
     """A prelude or prompt does not fit into the context."""
 
 
 class InputFileError(CachedPromptsError):
     """A workspace input file is malformed (bad name, not UTF-8, empty, ...)."""
+
+
+class ConstraintError(InputFileError):
+    """A JSON schema or grammar that constrains outputs (a NAME.schema.json / NAME.gbnf
+    sidecar, or a REPL request's json_schema / grammar) is invalid."""
 
 
 class WorkspaceError(CachedPromptsError):

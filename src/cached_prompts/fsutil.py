@@ -43,12 +43,15 @@ class NotRegularFileError(OSError):
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666, *,
+                 follow_symlinks: bool = False) -> int:
     """An open descriptor of the regular file `path` (`flags` as for os.open, e.g. with
-    O_CREAT). Never follows a symlink, never blocks on a FIFO; raises NotRegularFileError
-    if `path` is anything but a regular file, other OSErrors as os.open does."""
+    O_CREAT). Never follows a symlink (unless `follow_symlinks`, for reading a user's input
+    file: then the target must be a regular file), never blocks on a FIFO; raises
+    NotRegularFileError if `path` is anything but a regular file, other OSErrors as os.open does."""
+    open_flags = _OPEN_FLAGS & ~os.O_NOFOLLOW if follow_symlinks else _OPEN_FLAGS
     try:
-        fd = os.open(path, flags | _OPEN_FLAGS, mode)
+        fd = os.open(path, flags | open_flags, mode)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise NotRegularFileError(errno.ELOOP, "is a symbolic link, not a regular file", str(path)) from None
@@ -79,14 +82,14 @@ def kind_of(mode: int) -> str:
     return "a special file"
 
 
-def read_regular(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+def read_regular(path: Path, max_bytes: int, *, follow_symlinks: bool = False) -> tuple[bytes, os.stat_result]:
     """The bytes of the regular file `path` and its stat (from the same open file).
 
     Raises NotRegularFileError if it is not a regular file or holds more than `max_bytes`
     (checked before reading, and again while reading in case it grows), other OSErrors
     (FileNotFoundError, ...) as reading does.
     """
-    fd = open_regular(path)
+    fd = open_regular(path, follow_symlinks=follow_symlinks)
     try:
         info = os.fstat(fd)
         if info.st_size > max_bytes:

@@ -67,6 +67,7 @@ class Branch:
     budget: int  # most tokens per output
     history: Sequence[int]  # prelude + prompt tokens, for the penalties
     position: int  # position of the first generated token
+    grammar: str | None = None  # GBNF every output must match
 
 
 class _Output:
@@ -121,7 +122,8 @@ def _start_branch(context: Context, model: Model, branch: Branch, sampling: Samp
         seq = first + k
         if k:
             context.seq_copy(first, seq)
-        chain = SamplerChain(model, sampling if seed is not None else sampling.as_greedy(), seed or 0)
+        chain = SamplerChain(model, sampling if seed is not None else sampling.as_greedy(), seed or 0,
+                             branch.grammar)
         output = _Output(seq, seed, chain, TextCollector(sampling.stop), branch.position, branch.budget)
         outputs.append(output)
         chain.remember(recent)

@@ -22,7 +22,8 @@ import llama_cpp
 from .backend import (Backend, BackendKind, Completion, Counters, GenerationRequest, PreludeKind,
                       PreludeLoad, ProgressCallback, StepCallback, StoredPrelude, reusable_length)
 from .cache import CacheStore, StateSettings, meta_file
-from .engine import Context, Model, init_backend
+from .engine import Context, Model, SamplerChain, check_context_limits, init_backend
+from .errors import ConstraintError, StateUnusableError
 from .generation import Branch, generate_branches
 from .model_locator import fingerprint_model, resolve_model_path
 from .options import EngineOptions, SamplingOptions
@@ -39,21 +40,22 @@ class LocalBackend(Backend):
 
     def __init__(self, options: EngineOptions, cache_dir: Path | None, *, verbose: bool = False,
                  n_parallel: int = DEFAULT_PARALLEL) -> None:
+        # Sequence 0 holds the prelude; outputs take sequences 1..n_parallel.
+        check_context_limits(options, n_parallel + 1)  # before the model loads: a bad flag fails fast
         model_path = resolve_model_path(options.model_path)
         init_backend(verbose)
         self.options = options
-        self.model = Model(model_path)
+        self.model = Model(model_path, options.n_gpu_layers)
         self.n_parallel = n_parallel
-        # Sequence 0 holds the prelude; outputs take sequences 1..n_parallel.
         self.context = Context(self.model, options, n_seq_max=n_parallel + 1)
         fingerprint = fingerprint_model(model_path, cache_dir)
         self._model_sha256 = fingerprint.sha256
         self.settings = StateSettings(model_sha256=fingerprint.sha256, kv_type=options.kv_type,
-                                      llama_cpp_version=llama_cpp.__version__)
+                                      llama_cpp_version=llama_cpp.__version__, device=self.model.device)
         self.cache = (CacheStore(cache_dir, self.settings, str(model_path), max_bytes=options.cache_max_bytes)
                       if cache_dir else None)
         self.counters = Counters()
-        self.states = PreludeStates(self.context, self.cache, options.n_batch, self.counters)
+        self.states = PreludeStates(self.context, self.cache, self.context.n_batch, self.counters)
         self._kept: dict[tuple[str, PreludeKind], tuple[list[int], str]] = {}  # -> (tokens, entry name)
 
     # ----- what it is -----------------------------------------------------------------------
@@ -73,6 +75,8 @@ class LocalBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {"backend": self.kind.value, "model_path": str(self.model.path), "model_sha256": self.model_id,
                 "context_length": self.n_ctx, "llama_cpp_python_version": llama_cpp.__version__,
+                "architecture": self.model.architecture.name,
+                "memory": self.model.architecture.memory.value, "device": self.model.device,
                 "cache_dir": str(self.cache.folder) if self.cache else None,
                 "cache_disk_reads": self.cache.disk_reads if self.cache else 0,
                 "cache_disk_writes": self.cache.disk_writes if self.cache else 0}
@@ -110,6 +114,12 @@ class LocalBackend(Backend):
         if entry is not None:
             self._kept[(label, kind)] = (list(tokens), entry.name)
 
+    def check_grammar(self, grammar: str, source: str) -> None:
+        try:
+            llama_cpp.llama_sampler_free(SamplerChain.grammar_sampler(self.model, grammar))
+        except ConstraintError as error:
+            raise ConstraintError(f"{source}: {error}") from None
+
     def kept_preludes(self, kind: PreludeKind) -> list[StoredPrelude]:
         if self.cache is None:
             return []
@@ -140,13 +150,20 @@ class LocalBackend(Backend):
         outputs: list[dict[int | None, Completion]] = [{} for _ in jobs]
         counting = self._counting(on_step)
         for index, job in enumerate(jobs):
-            self.counters.prompt_tokens += len(job.full) - reusable_length(prelude, job.full)
+            self.counters.prompt_tokens += len(job.full) - self._reused(prelude, job.full)
             if None in job.seeds:
-                outputs[index][None] = self._run_wave(request, [(index, [None])], budgets, counting)[0][0]
+                outputs[index][None] = self._run_checked_wave(request, [(index, [None])], budgets, counting)[0][0]
         for wave in self._plan_waves(request, budgets):
-            for (index, _), completions in zip(wave, self._run_wave(request, wave, budgets, counting)):
+            for (index, _), completions in zip(wave, self._run_checked_wave(request, wave, budgets, counting)):
                 outputs[index].update((c.seed, c) for c in completions)
         return [[outputs[i][seed] for seed in job.seeds] for i, job in enumerate(jobs)]
+
+    def _reused(self, prelude: list[int], full: list[int]) -> int:
+        """How much of the prelude's state a job starts from: what its joint tokens share with
+        it, if the state can be cut there (Architecture.shortest_cut: a recurrent state only
+        whole); else nothing, and the job's branch decodes all its tokens."""
+        reused = reusable_length(prelude, full)
+        return reused if reused >= self.model.architecture.shortest_cut(len(prelude) - 1) else 0
 
     def _budget(self, full: list[int], sampling: SamplingOptions, label: str) -> int:
         budget = min(sampling.max_tokens, self.n_ctx - len(full))
@@ -164,7 +181,7 @@ class LocalBackend(Backend):
         seqs_left = cells_left = 0
         for index, job in enumerate(request.jobs):
             pending = list(dict.fromkeys(seed for seed in job.seeds if seed is not None))
-            tail_cells = len(job.full) - reusable_length(prelude, job.full)
+            tail_cells = len(job.full) - self._reused(prelude, job.full)
             while pending:
                 fit = min(seqs_left, (cells_left - tail_cells) // budgets[index])
                 if fit < 1:
@@ -177,18 +194,31 @@ class LocalBackend(Backend):
                 cells_left -= tail_cells + len(chunk) * budgets[index]
         return waves
 
+    def _run_checked_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int],
+                          on_step: StepCallback) -> list[list[Completion]]:
+        """A wave; if the prelude state in memory cannot give a branch what it needs (see
+        Context.seq_copy), it is dropped and loaded again (restored or computed) once."""
+        try:
+            return self._run_wave(request, wave, budgets, on_step)
+        except StateUnusableError as error:
+            log.info("%s: the prelude state in memory cannot be used (%s); loading it again", request.label, error)
+            self.states.unload()
+            self.prepare_prelude(request.prelude, request.label, kind=request.kind, store=request.store)
+            return self._run_wave(request, wave, budgets, on_step)
+
     def _run_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int],
                   on_step: StepCallback) -> list[list[Completion]]:
         self.states.clear_outputs()
         prelude = request.prelude
         fulls = [request.jobs[index].full for index, _ in wave]
-        branches = [Branch(seeds, budgets[index], full, len(full)) for (index, seeds), full in zip(wave, fulls)]
+        branches = [Branch(seeds, budgets[index], full, len(full), request.jobs[index].grammar)
+                    for (index, seeds), full in zip(wave, fulls)]
 
         def decode_tail(branch: int, seq: int) -> None:
             full = fulls[branch]
-            reused = reusable_length(prelude, full)
+            reused = self._reused(prelude, full)
             self.context.seq_copy(PRELUDE_SEQ, seq, reused)
-            step = self.options.n_batch
+            step = self.context.n_batch
             for chunk_start in range(reused, len(full), step):
                 self.context.decode_sequence(full[chunk_start:chunk_start + step], chunk_start, seq)
 

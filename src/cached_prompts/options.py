@@ -12,7 +12,8 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator)
 
 from .errors import OptionsError
 
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 
 KvType = Literal["f16", "q8_0"]
 DEFAULT_CACHE_MAX_SIZE = "4G"
+# llama.cpp's limits on the context parameters (llama-context.cpp, ggml.h):
+MIN_N_CTX = 16  # (engine.Context also checks n_ctx and n_batch against the sequences it decodes)
+MAX_N_CTX = 1 << 30  # positions are int32 and n_ctx is padded to 256 as a uint32
+DEFAULT_MAX_N_UBATCH = 512
+MAX_THREADS = 512  # GGML_MAX_N_THREADS; far more threads than that crash ggml
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -117,16 +123,34 @@ class EngineOptions(BaseModel):
         None, json_schema_extra=_flag(
             "--lp-model-path", "GGUF model file (default: $CACHED_PROMPTS_MODEL, then "
             "model_path in cached-prompts.toml, then the embedded SmolLM2-135M-Instruct)"))
-    n_ctx: int = Field(4096, ge=16, json_schema_extra=_flag("--lp-n-ctx", "context length in tokens"))
+    # The bounds are llama.cpp's own limits (see engine.py): a value beyond them would make
+    # llama.cpp abort the process instead of returning an error.
+    n_ctx: int = Field(4096, ge=MIN_N_CTX, le=MAX_N_CTX,
+                       json_schema_extra=_flag("--lp-n-ctx", "context length in tokens"))
     n_threads: int | None = Field(
-        None, ge=1, json_schema_extra=_flag("--n_threads", "CPU threads (default: all cores)"))
-    n_batch: int = Field(512, ge=8, json_schema_extra=_flag("--lp-n-batch", "tokens per prefill decode call"))
+        None, ge=1, le=MAX_THREADS, json_schema_extra=_flag("--n_threads", "CPU threads (default: all cores)"))
+    n_batch: int = Field(
+        512, ge=1, le=MAX_N_CTX,
+        json_schema_extra=_flag("--lp-n-batch", "most tokens per llama_decode call; at least one per "
+                                                "sequence decoded side by side (17)"))
+    n_ubatch: int | None = Field(
+        None, ge=1, le=MAX_N_CTX,
+        json_schema_extra=_flag("--lp-n-ubatch", "most tokens llama.cpp computes at once inside a decode call "
+                                                 "(default: n_batch, at most 512); at most n_batch"))
+    n_gpu_layers: int | None = Field(
+        None, ge=-1, le=2**31 - 1,
+        json_schema_extra=_flag("--lp-n-gpu-layers", "layers offloaded to the GPU; -1 = all (default: all "
+                                                     "when this llama.cpp build can offload, else 0)"))
     kv_type: KvType = Field(
         "f16", json_schema_extra=_flag("--kv-type", "KV cache type: f16 or q8_0 (smaller cache files)"))
     cache_max_size: str = Field(
         DEFAULT_CACHE_MAX_SIZE, json_schema_extra=_flag(
             "--cache-max-size", "largest total size of llm_cache/, in bytes or with K, M, G, T "
             "(500M, 2G); least recently used entries are evicted beyond it"))
+    # No global flag: `outputs-for-drafts` and `outputs-test-prompts` set it with their own --report.
+    report: bool = Field(
+        False, json_schema_extra={"help": "refresh report.html at the end of outputs-for-drafts and "
+                                          "outputs-test-prompts (their --report flag)"})
 
     @field_validator("cache_max_size", mode="before")
     @classmethod
@@ -142,6 +166,14 @@ class EngineOptions(BaseModel):
     def cache_max_bytes(self) -> int:
         return parse_size(self.cache_max_size)
 
+    @field_validator("n_ubatch")
+    @classmethod
+    def _ubatch_within_batch(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n_batch = info.data.get("n_batch")
+        if value is not None and n_batch is not None and value > n_batch:
+            raise ValueError(f"must not exceed n_batch ({n_batch}): lower --lp-n-ubatch or raise --lp-n-batch")
+        return value
+
     @field_validator("n_threads")
     @classmethod
     def _warn_more_threads_than_cores(cls, value: int | None) -> int | None:
@@ -155,6 +187,11 @@ class EngineOptions(BaseModel):
     @property
     def threads(self) -> int:
         return self.n_threads or os.cpu_count() or 1
+
+    @property
+    def ubatch(self) -> int:
+        """n_ubatch, or its default: n_batch up to 512 (llama.cpp's own default)."""
+        return self.n_ubatch if self.n_ubatch is not None else min(self.n_batch, DEFAULT_MAX_N_UBATCH)
 
 
 ServerApiName = Literal["auto", "llama", "openai"]

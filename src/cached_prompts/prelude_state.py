@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 
-from .backend import Counters, PreludeKind, PreludeLoad, PreludeSource, ProgressCallback
+from .architecture import MemoryKind
+from .backend import Counters, PreludeKind, PreludeLoad, PreludeSource, ProgressCallback, common_prefix_length
 from .cache import CacheStore, Entry
 from .engine import Context
 from .errors import CacheError, EngineError
@@ -90,10 +91,8 @@ class PreludeStates:
         try:
             self.context.set_seq_state(state, PRELUDE_SEQ)
         except EngineError as error:
-            log.warning("cache entry %s could not be restored (%s); removing it and recomputing",
-                        entry.name, error)
             self.context.clear()
-            self.cache.remove(entry)
+            self.cache.discard_entry(entry, f"llama.cpp could not restore it: {error}; it is recomputed")
             return False
         return True
 
@@ -102,6 +101,7 @@ class PreludeStates:
         body = len(tokens) - 1
         start, source = self._start_from_prefix(tokens, body)
         self._prefill(tokens, start, body, on_prefill)
+        self._settle()
         self.counters.preludes_computed += 1
         if store and self.cache is not None and body > 0:
             self._store(label, kind, tokens)
@@ -109,7 +109,7 @@ class PreludeStates:
 
     def _start_from_prefix(self, tokens: list[int], body: int) -> tuple[int, PreludeSource]:
         """Restore the cached entry sharing the longest prefix and trim it; (start, source)."""
-        prefix = self.cache.find_longest_prefix(tokens, MIN_REUSED_PREFIX) if self.cache else None
+        prefix = self._prefix_entry(tokens, body)
         if prefix is None:
             return 0, PreludeSource.COMPUTED
         entry, shared = prefix
@@ -124,6 +124,31 @@ class PreludeStates:
             self.context.clear()
             return 0, PreludeSource.COMPUTED
         return keep, PreludeSource.PREFIX
+
+    def _prefix_entry(self, tokens: list[int], body: int) -> tuple[Entry, int] | None:
+        """The entry whose state gives the most of `tokens[:body]`, and how many tokens of it
+        are kept. How far a stored state can be cut back depends on the model's memory
+        (Architecture.shortest_cut): a recurrent state only whole, a sliding-window one only
+        whole or less its last position once it is longer than the window."""
+        if self.cache is None:
+            return None
+        architecture = self.context.model.architecture
+        usable = []
+        for entry in self.cache.entries():
+            stored = entry.n_tokens - 1
+            keep = min(common_prefix_length(entry.tokens, tokens), stored, body)
+            if keep >= max(MIN_REUSED_PREFIX, architecture.shortest_cut(stored)):
+                usable.append((entry, keep))
+        return max(usable, key=lambda pair: pair[1], default=None)
+
+    def _settle(self) -> None:
+        """Make a computed sliding-window state look exactly as it does restored from the
+        cache, which holds only the window's cells (see Architecture.shortest_cut): the
+        outputs then see the same cells either way, so cached and uncached ones stay equal."""
+        if self.context.memory_kind is MemoryKind.SWA and self.context.seq_length(PRELUDE_SEQ) > 0:
+            state = self.context.seq_state(PRELUDE_SEQ)
+            self.context.clear()
+            self.context.set_seq_state(state, PRELUDE_SEQ)
 
     def _prefill(self, tokens: list[int], start: int, end: int, on_prefill: ProgressCallback | None) -> None:
         for chunk_start in range(start, end, self.n_batch):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Iterable
 
 import json5
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ProtocolError
 
@@ -23,7 +23,8 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 MAX_JSON5_BYTES = 256 * 1024
 MAX_PRELUDE_ID_CHARS = 200
 MAX_REQUEST_ID_CHARS = 200
-MAX_OUTPUTS = 256
+MAX_OUTPUTS = 256  # per request, all prompts together
+MAX_PROMPTS = 64  # in one request's 'prompts'
 REPR_CHARS = 60
 
 REQUEST_KEYS = ("command", "arguments", "id")
@@ -242,10 +243,32 @@ class Arguments(BaseModel):
 class SinglePromptArguments(Arguments):
     prelude_id: PreludeId
     prelude: str
-    prompt: str
+    prompt: str | None = None
+    prompts: list[str] | None = Field(None, min_length=1, max_length=MAX_PROMPTS)  # in place of prompt
     number_of_random_outputs: int = Field(1, ge=0, le=MAX_OUTPUTS)
     add_nonrandom_output_to_front: bool = False
     inference_parameters: dict[str, Any] = Field(default_factory=dict)
+    json_schema: dict[str, Any] | None = None  # every output matches it (structured.py)
+    grammar: str | None = None  # GBNF, root rule `root`; in place of json_schema
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> "SinglePromptArguments":
+        if self.prompt is None and self.prompts is None:
+            raise ValueError("missing required argument 'prompt' (or 'prompts', a list of prompts)")
+        if self.prompt is not None and self.prompts is not None:
+            raise ValueError("give 'prompt' (one prompt) or 'prompts' (a list of them), not both")
+        if self.json_schema is not None and self.grammar is not None:
+            raise ValueError("give 'json_schema' or 'grammar', not both")
+        outputs = len(self.prompt_texts) * (self.number_of_random_outputs + self.add_nonrandom_output_to_front)
+        if outputs > MAX_OUTPUTS:
+            raise ValueError(f"{len(self.prompt_texts)} prompts x "
+                             f"{self.number_of_random_outputs + self.add_nonrandom_output_to_front} outputs "
+                             f"= {outputs} outputs, more than {MAX_OUTPUTS}; ask for fewer")
+        return self
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        return [self.prompt] if self.prompts is None else list(self.prompts)
 
 
 class CountTokensArguments(Arguments):
@@ -284,6 +307,8 @@ def describe(error: ValidationError, where: str, noun: str, known: list[str]) ->
             unknown = True
         elif item["type"] == "missing":
             parts.append(f"missing required {noun} '{name}'")
+        elif not item["loc"]:  # a check of the arguments together
+            parts.append(item["msg"].removeprefix("Value error, "))
         else:
             message = item["msg"].removeprefix("Value error, ")
             parts.append(f"'{name}': {message} (got {short_repr(item.get('input'))})")

@@ -20,13 +20,15 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from . import protocol
-from .backend import Backend, GenerationRequest, PreludeKind, PromptJob
+from .backend import Backend, Completion, PreludeKind, PromptJob
 from .backends import open_backend
 from .commands import seeds_for
 from .errors import CachedPromptsError, ProtocolError
 from .local_backend import package_version
 from .options import EngineOptions, SamplingOptions
 from .protocol import MAX_LINE_BYTES, NO_ID
+from .repl_batch import LineReader, PromptPlan, run_batching_loop
+from .structured import constraint_from_request
 from .workspace import DETERMINISTIC, Workspace
 
 log = logging.getLogger(__name__)
@@ -58,41 +60,68 @@ class Session:
 
     def handle_request(self, line: bytes | str) -> dict[str, Any]:
         """The response to one request line; every failure becomes a SystemError response."""
-        request_id = NO_ID
-        try:
+        return self.respond(line, self.handle_parsed)
+
+    def handle_parsed(self, command: str, arguments: Any) -> Any:
+        return self._commands[command][1](arguments)
+
+    def respond(self, line: bytes | str, act: Callable[[str, Any], Any]) -> dict[str, Any]:
+        """The response to one request line whose value `act(command, arguments)` gives
+        (repl_batch.py defers single_prompt this way); never raises."""
+        request_id: list[Any] = [NO_ID]  # known once the line is parsed
+
+        def value() -> Any:
             payload = protocol.parse_json5(protocol.decode_line(line))
-            request_id = protocol.request_id_of(payload)
+            request_id[0] = protocol.request_id_of(payload)
             protocol.check_values(payload)
             request = protocol.split_request(payload, self._commands)
-            model, handler = self._commands[request.command]
-            arguments = protocol.validate(model, request.arguments, f"{request.command} arguments")
-            return protocol.ok(handler(arguments), request_id)
+            model, _ = self._commands[request.command]
+            return act(request.command, protocol.validate(model, request.arguments, f"{request.command} arguments"))
+
+        return self.respond_with(value, lambda: request_id[0])
+
+    def respond_with(self, value: Callable[[], Any], request_id: Callable[[], Any]) -> dict[str, Any]:
+        """An Ok response with `value()`, or the SystemError response of its failure."""
+        try:
+            return protocol.ok(value(), request_id())
         except CachedPromptsError as error:
-            return protocol.failure(str(error), request_id)
+            return protocol.failure(str(error), request_id())
         except Exception as error:  # a bug; the client gets an answer and the loop goes on
             log.exception("internal error while handling a request")
             return protocol.failure(f"internal error ({type(error).__name__}: {error}); this is a bug, "
-                                    "please report it with the request line", request_id)
+                                    "please report it with the request line", request_id())
 
     # ----- commands ----------------------------------------------------------------------
 
-    def _single_prompt(self, args: protocol.SinglePromptArguments) -> list[str]:
+    def _single_prompt(self, args: protocol.SinglePromptArguments) -> list[str] | list[list[str]]:
+        plan = self.plan_single_prompt(args)
+        return self.answer(plan, self.backend.generate(plan.request()))
+
+    def plan_single_prompt(self, args: protocol.SinglePromptArguments) -> PromptPlan:
+        """The checked work of a single_prompt request: one job per prompt (`prompts` are
+        decoded together, as outputs-test-prompts does)."""
         sampling = self._sampling(args.inference_parameters)
         if args.number_of_random_outputs == 0 and not args.add_nonrandom_output_to_front:
             raise ProtocolError("single_prompt arguments: number_of_random_outputs is 0 and "
                                 "add_nonrandom_output_to_front is false, so nothing would be "
                                 "generated; ask for at least one output")
         prelude = self._prelude_tokens(args.prelude_id, args.prelude)
-        full = self.backend.joint_tokens(args.prelude, args.prompt)
-        self.backend.check_fits(prelude, full)
+        grammar = constraint_from_request(args.json_schema, args.grammar, self.backend)
         keys: list[int | str] = [DETERMINISTIC] if args.add_nonrandom_output_to_front else []
         keys += range(args.number_of_random_outputs)
-        request = GenerationRequest(prelude, [PromptJob(full, seeds_for(keys, sampling))], sampling,
-                                    args.prelude_id, kind=PreludeKind.EXTERNAL)
-        completions = self.backend.generate(request)[0]
+        jobs = []
+        for prompt in args.prompt_texts:
+            full = self.backend.joint_tokens(args.prelude, prompt)
+            self.backend.check_fits(prelude, full)
+            jobs.append(PromptJob(full, seeds_for(keys, sampling), grammar))
+        return PromptPlan(args.prelude_id, prelude, jobs, sampling, several=args.prompts is not None)
+
+    def answer(self, plan: PromptPlan, completions: list[list[Completion]]) -> list[str] | list[list[str]]:
+        """The value of a planned single_prompt, from its jobs' completions."""
         self.last_source = self.backend.counters.sources[-1]
-        self.backend.keep_prelude(args.prelude_id, prelude, PreludeKind.EXTERNAL)
-        return [c.text for c in completions]
+        self.backend.keep_prelude(plan.prelude_id, plan.prelude, PreludeKind.EXTERNAL)
+        texts = [[c.text for c in job_completions] for job_completions in completions]
+        return texts if plan.several else texts[0]
 
     def _count_tokens(self, args: protocol.CountTokensArguments) -> int:
         return self.backend.count_tokens(args.text, at_start=args.as_prelude)
@@ -212,11 +241,16 @@ def run_loop(session: Session, stdin: BinaryIO, stdout: BinaryIO) -> int:
 
 
 def serve(engine_options: EngineOptions, sampling: SamplingOptions, workspace: Workspace, *,
-          verbose: bool = False, server_options: Any = None) -> int:
-    """Run the JSON service on the process's stdin and stdout; the exit status."""
+          verbose: bool = False, server_options: Any = None, batch_waiting: bool = False) -> int:
+    """Run the JSON service on the process's stdin and stdout; the exit status. With
+    `batch_waiting`, single_prompt lines already waiting on stdin are decoded together."""
     with contextlib.suppress(AttributeError, ValueError):
         sys.stderr.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     with response_channel() as channel:
         with open_backend(engine_options, workspace, verbose=verbose, server_options=server_options) as backend:
             log.info("stdio-json-repl ready: one JSON5 request per line on stdin")
-            return run_loop(Session(backend, sampling), sys.stdin.buffer, channel)
+            session = Session(backend, sampling)
+            if batch_waiting:
+                reader = LineReader(sys.stdin.buffer.fileno())
+                return run_batching_loop(session, reader, read_lines(reader), channel)
+            return run_loop(session, sys.stdin.buffer, channel)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputFileError, OptionsError, WorkspaceError
-from .fsutil import atomic_write_text, kind_of, remove_stale_temp_files
+from .fsutil import atomic_write_text, kind_of, read_regular, remove_stale_temp_files
 
 DRAFTS = "prelude_drafts"
 DRAFTS_OUTPUTS = "prelude_drafts_outputs"
@@ -23,10 +23,15 @@ PRELUDE_SEPARATOR = "---"
 DETERMINISTIC = "deterministic"
 
 
+MAX_INPUT_BYTES = 16 << 20  # far more text than any context holds
+
+
 def read_input_text(path: Path) -> str:
-    """Read a UTF-8 input file; a decoding error names the file and the byte offset."""
+    """Read a UTF-8 input file; a decoding error names the file and the byte offset. A link
+    to a regular file is read (a prelude shared between workspaces); a FIFO, a device or a
+    file over MAX_INPUT_BYTES is refused."""
     try:
-        data = path.read_bytes()
+        data, _ = read_regular(path, MAX_INPUT_BYTES, follow_symlinks=True)
     except FileNotFoundError:
         raise InputFileError(f"{path} does not exist") from None
     except OSError as error:
