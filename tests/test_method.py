@@ -368,7 +368,8 @@ def test_batch_waiting_decodes_waiting_lines_together_and_answers_each(tmp_path:
              '{id: "i", command: "info"}',  # ends the run of batched lines
              line(3, prompts=[prompt_for("river"), prompt_for("library")]),
              '{id: "bad", command: "single_prompt", arguments: {prelude_id: "dict"}}',
-             line(5, prompt=prompt_for("umbrella")), line(6, prompt="x", inference_parameters={"seed": 1})]
+             line(5, prompt=prompt_for("umbrella")), line(6, prompt="x", inference_parameters={"seed": 1}),
+             '{id: "end", command: "info"}']
     stdin = tmp_path / "requests.jsonl"  # a file: every line is waiting from the start
     stdin.write_text("\n".join(lines) + "\n", encoding="utf-8")
     command = [sys.executable, "-m", "cached_prompts.cli", "--root", str(tmp_path), "--lp-n-ctx", "1024",
@@ -377,11 +378,14 @@ def test_batch_waiting_decodes_waiting_lines_together_and_answers_each(tmp_path:
         done = subprocess.run(command, stdin=requests, capture_output=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     responses = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
-    assert [r.get("id") for r in responses] == [0, 1, "i", 3, "bad", 5, 6]
-    assert [r["status"] for r in responses] == ["Ok", "Ok", "Ok", "Ok", "SystemError", "Ok", "Ok"]
+    assert [r.get("id") for r in responses] == [0, 1, "i", 3, "bad", 5, 6, "end"]
+    assert [r["status"] for r in responses] == ["Ok", "Ok", "Ok", "Ok", "SystemError", "Ok", "Ok", "Ok"]
     # lines 0 and 1 were decoded as one request: exactly what one `prompts` request gives
+    assert responses[2]["value"]["counters"]["requests_batched"] == 2
     assert [responses[0]["value"], responses[1]["value"]] == responses[3]["value"]
+    # 5 and 6 differ in sampling options: each alone
     assert len(responses[5]["value"]) == 2 and len(responses[6]["value"]) == 2
+    assert responses[-1]["value"]["counters"]["requests_batched"] == 2
 
 
 # ----- init ------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class Session:
         self.defaults = defaults
         self.finished = False
         self.last_source = ""  # where the last request's prelude state came from (for tests)
+        self.requests_batched = 0  # single_prompt lines decoded with others (--batch-waiting)
         self._commands: dict[str, tuple[type[protocol.Arguments], Callable[[Any], Any]]] = {
             "single_prompt": (protocol.SinglePromptArguments, self._single_prompt),
             "count_tokens": (protocol.CountTokensArguments, self._count_tokens),
@@ -144,7 +145,8 @@ class Session:
     def _info(self, args: protocol.NoArguments) -> dict[str, Any]:
         described = self.backend.describe()
         counters = self.backend.counters.public()
-        counters.update(cache_disk_reads=described.pop("cache_disk_reads", 0),
+        counters.update(requests_batched=self.requests_batched,
+                        cache_disk_reads=described.pop("cache_disk_reads", 0),
                         cache_disk_writes=described.pop("cache_disk_writes", 0))
         return {
             **described,

@@ -165,6 +165,8 @@ class _Batcher:
             for response in group:  # each alone, so that each gets its own error
                 self._decode([response])
             return
+        if len(group) > 1:
+            self.session.requests_batched += len(group)
         start = 0
         for response, plan in zip(group, plans):
             mine = completions[start:start + len(plan.jobs)]
