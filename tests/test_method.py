@@ -214,6 +214,20 @@ def test_scores_are_those_of_one_pass_over_the_whole_prelude(workspace: Path, ma
         assert answer.logprobs == pytest.approx(reference, abs=2e-3)
 
 
+def test_the_report_shows_the_scores_as_a_heat_map(cli, workspace: Path) -> None:
+    code, _, err = cli(workspace, "score-preludes")
+    assert code == 0, err
+    code, _, err = cli(workspace, "report")
+    assert code == 0, err
+    page = (workspace / "report.html").read_text("utf-8")
+    assert page.count('class="source heat"') == 2 and 'data-scores="2"' in page
+    assert page.count('<span class="tok"') > 20 and 'title="log p -' in page
+    write(workspace / "preludes" / "dictionary.txt", PRELUDE.replace("crisp", "crunchy"))
+    cli(workspace, "report")
+    page = (workspace / "report.html").read_text("utf-8")
+    assert page.count('class="source heat"') == 1, "scores of an older text are not shown"
+
+
 def test_score_preludes_without_a_chat_format_needs_markers(cli, workspace: Path) -> None:
     write(workspace / "preludes" / "qa.txt", "Q: sky?\nA: Blue.\nQ: grass?\nA: Green.\nQ: ")
     code, out, _ = cli(workspace, "score-preludes")

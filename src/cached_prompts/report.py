@@ -194,7 +194,35 @@ def _prelude_section(prelude: PreludeView, data: ReportData, index: int) -> str:
     return (f"<section class=\"group\" id=\"prelude-{index}\" data-group=\"{_e(prelude.name)}\">"
             f"<h2><span class=\"kind\">prelude</span> <span class=\"name\">{_e(prelude.name)}</span> "
             f"<span class=\"count\">{_plural(len(prelude.prompts), 'test prompt')}</span></h2>\n{reasons}"
-            f"{_source(prelude.file, 'prelude text', open_=False)}{prompts}</section>\n")
+            f"{_source(prelude.file, 'prelude text', open_=False)}{_heat_map(prelude)}{prompts}</section>\n")
+
+
+# Log-probability at which a token is shown fully red in the heat map.
+_HEAT_FLOOR = -8.0
+
+
+def _heat_map(prelude: PreludeView) -> str:
+    """The prelude's text with each example answer's tokens shaded by how unlikely the model
+    found them (score-preludes); redder = less natural. Hover a token for its log-probability."""
+    if not prelude.scores or prelude.file.text is None:
+        return ""
+    text, parts, position = prelude.file.text, [], 0
+    for start, end, logprob in sorted(span for answer in prelude.scores for span in answer.token_logprobs):
+        if start < position:
+            continue  # overlapping spans (a damaged scores file): show the first
+        alpha = max(0.0, min(1.0, logprob / _HEAT_FLOOR)) * 0.85
+        parts.append(_e(text[position:start]))
+        parts.append(f"<span class=\"tok\" style=\"background:rgba(230,50,40,{alpha:.2f})\" "
+                     f"title=\"log p {logprob:.2f}\">{_e(text[start:end])}</span>")
+        position = end
+    parts.append(_e(text[position:]))
+    weakest = min(prelude.scores, key=lambda a: a.mean_logprob)
+    rows = "".join(f"<li>example {a.index}: mean log p {a.mean_logprob:.3f}, perplexity {a.perplexity:.2f}</li>"
+                   for a in sorted(prelude.scores, key=lambda a: a.mean_logprob))
+    summary = (f"example answers by log-probability · weakest: example {weakest.index} "
+               f"(mean {weakest.mean_logprob:.2f})")
+    return (f"<details class=\"source heat\" data-scores=\"{len(prelude.scores)}\"><summary>{_e(summary)}</summary>"
+            f"<ul class=\"reasons\">{rows}</ul><pre>{''.join(parts)}</pre></details>\n")
 
 
 def _orphans_section(data: ReportData) -> str:

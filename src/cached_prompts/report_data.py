@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import InputFileError
 from .fsutil import NotRegularFileError, read_regular
 from .run_records import OutputRecord, read_record, utc_now
+from .scoring import ShownAnswer, read_scores
 from .structured import freshness_inputs
 from .workspace import (DETERMINISTIC, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS, TEST_PROMPTS_OUTPUTS,
                         Workspace, stale)
@@ -89,6 +90,7 @@ class PreludeView:
     file: FileText
     prompts: list[InputView] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    scores: list[ShownAnswer] | None = None  # of its example answers, from score-preludes
 
     @property
     def name(self) -> str:
@@ -313,6 +315,8 @@ def _collect_prompts(collector: _Collector) -> tuple[list[PreludeView], list[Inp
     for path in sorted(workspace.preludes(), key=_by_name):  # "a" before "a-long" (by file name: after)
         view = PreludeView(collector.input_file(PRELUDES, path, at_start=True))
         view.skipped = _problems_of_prelude_text(view.file) or [r for r in [collector.too_long(view.file)] if r]
+        if view.file.text is not None:
+            view.scores = read_scores(workspace, path.name, view.file.text, collector.model_id)
         preludes[path] = view
     sources = sorted(workspace.test_prompt_files(), key=_by_name)
     expected = _expected_keys(sources, workspace, TEST_PROMPTS_OUTPUTS)

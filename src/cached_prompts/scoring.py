@@ -28,7 +28,7 @@ import numpy as np
 from .backend import Backend
 from .chat_format import AnswerMarkers, answer_spans, detect, markers_of
 from .errors import EngineError, InputFileError, OptionsError, StateUnusableError
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, read_regular
 from .workspace import CACHE, PRELUDES, Workspace, read_input_text
 
 log = logging.getLogger(__name__)
@@ -257,3 +257,40 @@ def write_scores_file(workspace: Workspace, backend: Backend, scores: list[Prelu
     path = scores_path(workspace)
     atomic_write_text(path, json.dumps(document, ensure_ascii=False, separators=(",", ":")) + "\n")
     return path
+
+
+@dataclass(frozen=True)
+class ShownAnswer:
+    """An example answer's scores as the report shows them (from the scores file)."""
+
+    index: int
+    mean_logprob: float
+    perplexity: float
+    token_logprobs: list[tuple[int, int, float]]  # (start, end) character offsets, log-probability
+
+
+MAX_SCORES_BYTES = 32 << 20
+
+
+def read_scores(workspace: Workspace, prelude_name: str, text: str, model_id: str | None) -> list[ShownAnswer] | None:
+    """The scores of preludes/`prelude_name` if the scores file has them for exactly this text
+    (and this model, when `model_id` is given); None otherwise. The file is untrusted: read
+    bounded, every value checked, anything odd means no scores."""
+    try:
+        data, _ = read_regular(scores_path(workspace), MAX_SCORES_BYTES)
+        document = json.loads(data.decode("utf-8"))
+        entry = document["preludes"][prelude_name]
+        if document.get("format") != SCORES_FORMAT or (model_id is not None and document.get("model_id") != model_id):
+            return None
+        if entry["sha256"] != hashlib.sha256(text.encode("utf-8")).hexdigest():
+            return None
+        return [_shown_answer(answer, len(text)) for answer in entry["answers"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _shown_answer(answer: dict[str, Any], length: int) -> ShownAnswer:
+    spans = [(int(start), int(end), float(lp)) for start, end, lp in answer["token_logprobs"]]
+    if any(not 0 <= start <= end <= length or not math.isfinite(lp) for start, end, lp in spans):
+        raise ValueError("token offsets outside the prelude")
+    return ShownAnswer(int(answer["index"]), float(answer["mean_logprob"]), float(answer["perplexity"]), spans)
