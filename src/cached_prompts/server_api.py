@@ -262,9 +262,12 @@ class ServerClient:
         except httpx.TimeoutException:
             raise ServerDownError(f"{self.url}{path} gave no answer within {self.timeout:g} s; the server may "
                                   "be overloaded or stuck (raise --server-timeout to wait longer)") from None
-        except httpx.TransportError as error:
-            raise ServerDownError(f"{self.url} cannot be reached ({_describe_transport(error)}); "
+        except httpx.ConnectError:
+            raise ServerDownError(f"{self.url} cannot be reached (connection refused or no such host); "
                                   "is the server running there?") from None
+        except httpx.TransportError as error:
+            raise ServerDownError(f"{self.url} dropped the connection ({_describe_transport(error)}); "
+                                  "did the server stop?") from None
         if response.status_code == 404 and missing_ok:
             return None
         if response.is_success:
@@ -304,8 +307,6 @@ def _error_message(response: httpx.Response) -> tuple[str, str, dict[str, Any]]:
 
 
 def _describe_transport(error: httpx.TransportError) -> str:
-    if isinstance(error, httpx.ConnectError):
-        return "connection refused or no such host"
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 

@@ -40,7 +40,9 @@ from .server_routing import ServerPool, ServerState
 log = logging.getLogger(__name__)
 
 OPENAI_DEFAULT_PARALLEL = 8
-WAITS_FOR_A_SERVER = 2  # when every server of a ranking is down: back-offs waited before giving up
+# When every server of a ranking is down, work waits for their back-offs until each has failed
+# this many times in a row; then it is given up (and later work tries each server once).
+FAILURES_BEFORE_GIVING_UP = 3
 MAX_WORKERS = 64
 
 
@@ -157,8 +159,8 @@ class ServerBackend(Backend):
         def call(state: ServerState, granted: int) -> PreludeLoad:
             return self._warm_up(state, tokens, label, store=store, again=True)
         load = self._on_a_server(ranking, 1, call)
-        if on_prefill is not None:
-            on_prefill(len(tokens) - 1, len(tokens) - 1)
+        if on_prefill is not None and load.computed_tokens:
+            on_prefill(load.computed_tokens, load.computed_tokens)
         return load
 
     def _warm_up(self, state: ServerState, tokens: list[int], label: str, *, store: bool, copies: int = 1,
@@ -296,7 +298,7 @@ class ServerBackend(Backend):
         self._note(request, loads)
         log.info("    %s: %d of %d prompt tokens came from the servers' caches%s", request.label, loads.cached_tokens,
                  loads.prompt_tokens, "" if loads.cache_reported else " (the servers do not report it)")
-        if on_prefill is not None and loads.first is not None:
+        if on_prefill is not None and loads.first is not None and loads.first.computed_tokens:
             on_prefill(loads.first.computed_tokens, loads.first.computed_tokens)
         completed = _assemble(request, parts, failures)
         if failures:
@@ -332,23 +334,22 @@ class ServerBackend(Backend):
                 if on_step is not None:
                     on_step(sum(generated.tokens))
 
-    def _on_a_server(self, ranking: list[ServerState], wanted: int, call: Any, *, what: str = "the request") -> Any:
+    def _on_a_server(self, ranking: list[ServerState], wanted: int, call: Any, *, what: str = "tokenizing") -> Any:
         """`call(server, outputs granted)` on the first server of `ranking` that is up and has
         room; on a server failure, on the next one. Raises ServerDownError when every server
-        stayed down for WAITS_FOR_A_SERVER back-offs."""
-        waits, failed_on = 0, ""
+        is down and has failed FAILURES_BEFORE_GIVING_UP times in a row."""
+        failed_on = ""
         while True:
             got = self.pool.acquire(ranking, wanted)
             if got is None:
-                waits += 1
-                if waits > WAITS_FOR_A_SERVER:
-                    down = ", ".join(f"{s.url} ({s.last_error})" for s in ranking)
+                if min(s.failures for s in ranking) >= FAILURES_BEFORE_GIVING_UP:
+                    down = "; ".join(s.last_error or f"{s.url} is down" for s in ranking)
                     raise ServerDownError(f"every server is down: {down}")
                 time.sleep(self.pool.seconds_to_retry(ranking))
                 continue
             state, granted = got
             if failed_on and failed_on != state.url:
-                log.warning("%s move from %s to %s", what, failed_on, state.url)
+                log.warning("%s: taken over by %s from %s", what, state.url, failed_on)
             try:
                 if state.info is None:
                     self._probe(state)

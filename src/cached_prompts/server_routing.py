@@ -23,7 +23,7 @@ from .server_api import ServerClient, ServerInfo
 
 log = logging.getLogger(__name__)
 
-BACKOFF_START = 2.0
+BACKOFF_START = 1.0
 BACKOFF_MAX = 60.0
 
 
@@ -111,8 +111,8 @@ class ServerPool:
             backoff = min(most, start * 2 ** (state.failures - 1))
             state.down_until = now + backoff
             state.last_error = str(error)
-            log.warning("server %s is down: %s; its work moves to the next server, and it is tried "
-                        "again in %.0f s", state.url, error, backoff)
+            # The error names the server.
+            log.warning("%s Its work moves to the next server; it is tried again in %.0f s.", error, backoff)
             self._changed.notify_all()
 
     def mark_up(self, state: ServerState) -> None:
