@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cached_prompts.backend import PreludeKind, PreludeSource
+from cached_prompts.backend import PreludeSource
 from cached_prompts.errors import ServerDownError, ServerError
 from cached_prompts.options import SamplingOptions, ServerOptions
 from cached_prompts.repl import Session
@@ -65,7 +65,8 @@ def test_whole_workflow_against_one_server(cli, workspace: Path, llama_servers, 
     # The preludes were precached: each prompt evaluated only its own tokens (and the
     # prelude's last one again, for its logits).
     with open_server_backend(tmp_path, server) as backend:
-        own = sum(backend.count_tokens(prompt_for(word), at_start=False) + 1 for word in ("river", "library", "umbrella"))
+        own = sum(backend.count_tokens(prompt_for(word), at_start=False) + 1
+                  for word in ("river", "library", "umbrella"))
     assert server.prompt_tokens() - evaluated <= own
 
     code, _, err = cli(workspace, "outputs-test-prompts", "-n", "2", *flags)
