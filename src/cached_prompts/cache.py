@@ -70,6 +70,7 @@ class StateSettings:
     kv_type: str
     llama_cpp_version: str
     device: str = "cpu"  # where the state was computed: "cpu" or "gpu:LAYERS/ALL" (engine.Model.device)
+    batching: str = ""  # "N_BATCH/N_UBATCH" the state was computed with (engine.Context.batching)
     state_layout: str = "seq-state-v1"
 
     def key(self) -> str:

@@ -95,7 +95,10 @@ def current_settings_key(options: EngineOptions, folder: Path) -> str | None:
         log.warning("cannot tell which entries the configured model can use: %s", error)
         return None
     fingerprint = fingerprint_model(model_path, folder if folder.is_dir() else None)
-    return StateSettings(fingerprint.sha256, options.kv_type, llama_cpp.__version__).key()
+    from .engine import compute_setup
+
+    device, batching = compute_setup(options)
+    return StateSettings(fingerprint.sha256, options.kv_type, llama_cpp.__version__, device, batching).key()
 
 
 def read_only_scan(folder: Path) -> tuple[list[Entry], dict[str, str]]:

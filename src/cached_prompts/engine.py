@@ -46,16 +46,30 @@ def init_backend(verbose: bool) -> None:
         _state["backend"] = True
 
 
-def resolve_gpu_layers(requested: int | None) -> int:
-    """Layers to offload: the option, else all (-1) when this llama.cpp build can offload."""
+def resolve_gpu_layers(requested: int | None, *, warn: bool = True) -> int:
+    """Layers to offload (-1 = all): the option, else all when this llama.cpp can offload."""
     can_offload = bool(llama_cpp.llama_supports_gpu_offload())
     if requested is None:
         return -1 if can_offload else 0
     if requested != 0 and not can_offload:
-        log.warning("--lp-n-gpu-layers %d is ignored: this llama-cpp-python was built without GPU "
-                    "support (see the README's GPU offload section)", requested)
+        if warn:
+            log.warning("--lp-n-gpu-layers %d is ignored: this llama-cpp-python was built without GPU "
+                        "support or sees no GPU (see the README's GPU offload section)", requested)
         return 0
     return requested
+
+
+def compute_setup(options: EngineOptions) -> tuple[str, str]:
+    """(device, batching) of a state's cache key, known without loading the model.
+
+    A state computed on a GPU differs in its last bits from one computed on the CPU, and some
+    kernels (e.g. repacked Q4_K on x86 CPUs) give a token's keys and values other last bits in
+    other batch shapes, so both are part of the key. Batch sizes as llama.cpp takes them:
+    n_batch lowered to n_ctx, n_ubatch to n_batch."""
+    layers = resolve_gpu_layers(options.n_gpu_layers, warn=False)
+    device = "cpu" if layers == 0 else "gpu:all" if layers < 0 else f"gpu:{layers}"
+    n_batch = min(options.n_batch, options.n_ctx)
+    return device, f"{n_batch}/{min(options.ubatch, n_batch)}"
 
 
 class Model:
@@ -76,10 +90,6 @@ class Model:
         except ModelError:
             self.close()
             raise
-        # Layers llama.cpp puts on the GPU: negative means all (the output layer counts as one).
-        all_layers = self.architecture.n_layer + 1
-        wanted = params.n_gpu_layers
-        self.gpu_layers = all_layers if wanted < 0 else min(wanted, all_layers)
         self.vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._piece = ctypes.create_string_buffer(256)
@@ -88,11 +98,6 @@ class Model:
     def handle(self) -> llama_cpp.llama_model_p:
         return self._model
 
-    @property
-    def device(self) -> str:
-        """Where the model's layers run, as the cache key records it: states computed on
-        another device differ in their last bits (see the README's GPU offload section)."""
-        return f"gpu:{self.gpu_layers}/{self.architecture.n_layer + 1}" if self.gpu_layers else "cpu"
 
     def tokenize(self, text: str, *, at_start: bool) -> list[int]:
         """Tokens of `text`; special tokens written in it (e.g. <|im_start|>) are parsed.
@@ -175,6 +180,10 @@ class Context:
         self.n_swa = model.architecture.n_swa
         self.n_ctx = options.n_ctx
         self.n_seq_max = n_seq_max
+        trained = model.architecture.n_ctx_train
+        if 0 < trained < options.n_ctx:
+            log.warning("--lp-n-ctx %d is more than the %d tokens %s was trained on; answers past %d tokens "
+                        "may be poor", options.n_ctx, trained, model.path.name, trained)
         self._ctx = llama_cpp.llama_init_from_model(model.handle, params)
         if not self._ctx:
             raise EngineError(f"llama.cpp could not create a context of {options.n_ctx} tokens; "

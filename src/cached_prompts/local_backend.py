@@ -22,7 +22,7 @@ import llama_cpp
 from .backend import (Backend, BackendKind, Completion, Counters, GenerationRequest, PreludeKind,
                       PreludeLoad, ProgressCallback, StepCallback, StoredPrelude, reusable_length)
 from .cache import CacheStore, StateSettings, meta_file
-from .engine import Context, Model, SamplerChain, check_context_limits, init_backend
+from .engine import Context, Model, SamplerChain, check_context_limits, compute_setup, init_backend
 from .errors import ConstraintError, StateUnusableError
 from .generation import Branch, generate_branches
 from .model_locator import fingerprint_model, resolve_model_path
@@ -50,8 +50,9 @@ class LocalBackend(Backend):
         self.context = Context(self.model, options, n_seq_max=n_parallel + 1)
         fingerprint = fingerprint_model(model_path, cache_dir)
         self._model_sha256 = fingerprint.sha256
+        device, batching = compute_setup(options)
         self.settings = StateSettings(model_sha256=fingerprint.sha256, kv_type=options.kv_type,
-                                      llama_cpp_version=llama_cpp.__version__, device=self.model.device)
+                                      llama_cpp_version=llama_cpp.__version__, device=device, batching=batching)
         self.cache = (CacheStore(cache_dir, self.settings, str(model_path), max_bytes=options.cache_max_bytes)
                       if cache_dir else None)
         self.counters = Counters()
@@ -76,7 +77,7 @@ class LocalBackend(Backend):
         return {"backend": self.kind.value, "model_path": str(self.model.path), "model_sha256": self.model_id,
                 "context_length": self.n_ctx, "llama_cpp_python_version": llama_cpp.__version__,
                 "architecture": self.model.architecture.name,
-                "memory": self.model.architecture.memory.value, "device": self.model.device,
+                "memory": self.model.architecture.memory.value, "device": self.settings.device,
                 "cache_dir": str(self.cache.folder) if self.cache else None,
                 "cache_disk_reads": self.cache.disk_reads if self.cache else 0,
                 "cache_disk_writes": self.cache.disk_writes if self.cache else 0}
