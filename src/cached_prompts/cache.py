@@ -69,8 +69,8 @@ class StateSettings:
     model_sha256: str
     kv_type: str
     llama_cpp_version: str
-    device: str = "cpu"  # where the state was computed: "cpu" or "gpu:LAYERS/ALL" (engine.Model.device)
-    batching: str = ""  # "N_BATCH/N_UBATCH" the state was computed with (engine.Context.batching)
+    device: str = "cpu"  # where it was computed: "cpu", "gpu:all", "gpu:LAYERS" (engine.compute_setup)
+    batching: str = ""  # "N_BATCH/N_UBATCH" it was computed with (engine.compute_setup)
     state_layout: str = "seq-state-v1"
 
     def key(self) -> str:
