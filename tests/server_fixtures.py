@@ -21,6 +21,8 @@ import pytest
 
 from cached_prompts.model_locator import default_model_path
 
+from .conftest import missing_tool
+
 VERSION = "0.3.36"
 BINARY_ENV = "CACHED_PROMPTS_LLAMA_SERVER"
 START_TIMEOUT = 120.0
@@ -127,7 +129,7 @@ def llama_servers(tmp_path: Path) -> Iterator[Callable[..., LlamaServer]]:
     """`start(**options)` starts a llama-server; all of them are stopped after the test."""
     binary = llama_server_binary()
     if binary is None:
-        pytest.skip("llama-server is not built; run `make llama-server`")
+        missing_tool("llama-server is not built; run `make llama-server`")
     started: list[LlamaServer] = []
 
     def start(**options: object) -> LlamaServer:

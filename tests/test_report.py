@@ -18,7 +18,7 @@ from cached_prompts.report import build_report, json_for_script, write_report
 from cached_prompts.run_records import OutputRecord, new_run_id, read_record, record_path, write_records
 from cached_prompts.workspace import Workspace
 
-from .conftest import age, age_tree, prompt_for, write
+from .conftest import age, age_tree, missing_tool, prompt_for, write
 
 CHROMIUM = shutil.which("chromium")
 PHONE = {"width": 390, "height": 844}
@@ -63,7 +63,7 @@ class View:
 @pytest.fixture
 def browser() -> Iterator[object]:
     if CHROMIUM is None:
-        pytest.skip("chromium is not installed: run `make chromium` (scripts/install-chromium.sh)")
+        missing_tool("chromium is not installed: run `make chromium` (scripts/install-chromium.sh)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
