@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed
 from cached_prompts.protocol import MAX_LINE_BYTES, encode_response
-from cached_prompts.repl import EXTERNAL, Session, run_loop
+from cached_prompts.backend import PreludeKind
+from cached_prompts.repl import Session, run_loop
 from cached_prompts.local_backend import LocalBackend as Runner
 
 from .conftest import PRELUDE, generate, prompt_for
@@ -72,7 +73,7 @@ def precache(session: Session, prelude_id: str, text: str) -> dict[str, Any]:
 def external_entries(session: Session) -> dict[str, list[list[int]]]:
     found: dict[str, list[list[int]]] = {}
     for entry in session.backend.cache.entries():
-        if entry.kind == EXTERNAL:
+        if entry.kind == PreludeKind.EXTERNAL:
             found.setdefault(entry.label, []).append(entry.tokens)
     return found
 
@@ -111,7 +112,7 @@ def test_precache_list_and_drop(session: Session) -> None:
     assert precache(session, "dictionary", PRELUDE)["source"] in ("memory", "cache")
     tokens = len(session.backend.prelude_tokens(PRELUDE, "test"))
     (listed,) = ok_value(session, request("list_preludes"))
-    (entry,) = [e for e in session.backend.cache.entries() if e.kind == EXTERNAL]
+    (entry,) = [e for e in session.backend.cache.entries() if e.kind == PreludeKind.EXTERNAL]
     kv_file = session.backend.cache.folder / f"{entry.name}.kv"
     assert listed == {"prelude_id": "dictionary", "tokens": tokens, "bytes": kv_file.stat().st_size}
     assert ok_value(session, request("drop_prelude", prelude_id="dictionary")) == 1
