@@ -63,7 +63,7 @@ def test_sampled_outputs_of_several_prompts_are_reproducible(make_runner) -> Non
     prompts = [runner.joint_tokens(PRELUDE, prompt_for(word)) for word in WORDS]
     seeds = [SEEDS] * len(prompts)
     first = generate_many(runner, prelude, prompts, SAMPLED, seeds, label="p")
-    again = make_runner(None).generate_many(prelude, prompts, SAMPLED, seeds, label="p")
+    again = generate_many(make_runner(None), prelude, prompts, SAMPLED, seeds, label="p")
     assert first == again
     assert [len(outputs) for outputs in first] == [len(SEEDS)] * len(prompts)
     assert all(text for outputs in first for text in outputs)

@@ -18,6 +18,7 @@ Token protocol (the same for every backend):
 from __future__ import annotations
 
 import enum
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 
 from .errors import ConstraintError, ContextOverflowError, InputFileError
 from .options import SamplingOptions
+
+log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (done, total) tokens of a prefill
 StepCallback = Callable[[int], None]  # tokens generated since the last call
@@ -198,6 +201,15 @@ class Backend(ABC):
             raise ContextOverflowError(
                 f"prelude + prompt take {len(prelude)} + {len(full) - len(prelude)} = {len(full)} "
                 f"tokens, the context only {self.n_ctx}; shorten them or {self.context_hint}")
+
+    def answer_budget(self, full: Sequence[int], sampling: SamplingOptions, label: str) -> int:
+        """Most tokens each answer to `full` may take: --max-tokens, or what the context has
+        left (said in a warning)."""
+        budget = min(sampling.max_tokens, self.n_ctx - len(full))
+        if budget < sampling.max_tokens:
+            log.warning("%s: only %d tokens of context left for each answer (--max-tokens %d)",
+                        label, budget, sampling.max_tokens)
+        return budget
 
     @property
     def context_hint(self) -> str:

@@ -26,7 +26,7 @@ from .engine import Context, Model, SamplerChain, check_context_limits, compute_
 from .errors import ConstraintError, StateUnusableError
 from .generation import Branch, generate_branches
 from .model_locator import fingerprint_model, resolve_model_path
-from .options import EngineOptions, SamplingOptions
+from .options import EngineOptions
 from .prelude_state import PRELUDE_SEQ, PreludeStates
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class LocalBackend(Backend):
             self.check_fits(prelude, job.full)
         self.prepare_prelude(prelude, request.label, kind=request.kind, store=request.store,
                              on_prefill=on_prefill)
-        budgets = [self._budget(job.full, request.sampling, request.label) for job in jobs]
+        budgets = [self.answer_budget(job.full, request.sampling, request.label) for job in jobs]
         outputs: list[dict[int | None, Completion]] = [{} for _ in jobs]
         counting = self._counting(on_step)
         for index, job in enumerate(jobs):
@@ -165,13 +165,6 @@ class LocalBackend(Backend):
         whole); else nothing, and the job's branch decodes all its tokens."""
         reused = reusable_length(prelude, full)
         return reused if reused >= self.model.architecture.shortest_cut(len(prelude) - 1) else 0
-
-    def _budget(self, full: list[int], sampling: SamplingOptions, label: str) -> int:
-        budget = min(sampling.max_tokens, self.n_ctx - len(full))
-        if budget < sampling.max_tokens:
-            log.warning("%s: only %d tokens of context left for each answer (--max-tokens %d)",
-                        label, budget, sampling.max_tokens)
-        return budget
 
     def _plan_waves(self, request: GenerationRequest, budgets: list[int]) -> list[Wave]:
         """The distinct sampled seeds of every job, packed in job order into waves that fit

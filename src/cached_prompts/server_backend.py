@@ -309,7 +309,7 @@ class ServerBackend(Backend):
     def _run_part(self, request: GenerationRequest, part: _Part, ranking: list[ServerState],
                   loads: "_Loads", on_step: StepCallback | None) -> None:
         job = request.jobs[part.job]
-        budget = self._budget(job.full, request.sampling, request.label)
+        budget = self.answer_budget(job.full, request.sampling, request.label)
         sampling = request.sampling.as_greedy() if part.greedy else request.sampling
         while len(part.done) < len(part.positions):
             wanted = len(part.positions) - len(part.done)
@@ -362,13 +362,6 @@ class ServerBackend(Backend):
                 self.pool.release(state, granted)
             self.pool.mark_up(state)
             return result
-
-    def _budget(self, full: list[int], sampling: SamplingOptions, label: str) -> int:
-        budget = min(sampling.max_tokens, self._n_ctx - len(full))
-        if budget < sampling.max_tokens:
-            log.warning("%s: only %d tokens of the servers' context left for each answer (--max-tokens %d)",
-                        label, budget, sampling.max_tokens)
-        return budget
 
     def _note(self, request: GenerationRequest, loads: "_Loads") -> None:
         with self._lock:
