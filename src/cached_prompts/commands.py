@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from .backend import Backend, Completion, GenerationRequest, PreludeKind, PreludeSource, PromptJob
+from .backend import Backend, BackendKind, Completion, GenerationRequest, PreludeKind, PreludeSource, PromptJob
 from .errors import ContextOverflowError, IncompleteOutputsError, InputFileError
 from .options import SamplingOptions, derive_seed
 from .progress import Progress
@@ -55,7 +55,7 @@ class Freshness:
 
     def __init__(self, backend: Backend) -> None:
         self._model_id = backend.model_id
-        self._model_name = backend.model_name
+        self._this_run = _model_described(backend.kind.value, backend.model_name, backend.model_id)
         self._warned = False
 
     def stale(self, outputs: list[Path], inputs: list[Path]) -> bool:
@@ -69,9 +69,17 @@ class Freshness:
             return False
         if not self._warned:
             self._warned = True
-            log.warning("outputs such as %s were made by the model %s, this run uses %s: "
-                        "they are made again", output.name, record.model, self._model_name)
+            log.warning("outputs such as %s were made by %s, this run uses %s: they are made again",
+                        output.name, _model_described(record.backend, record.model, record.model_id),
+                        self._this_run)
         return True
+
+
+def _model_described(backend: str, name: str, model_id: str) -> str:
+    """A model as the freshness warning names it: the same file name can stand for another
+    file, or for a server's model, so the backend and the identity are said too."""
+    identity = f"SHA-256 {model_id[:12]}" if backend == BackendKind.LOCAL.value else f"model id {model_id}"
+    return f"the model {name} ({backend}, {identity})"
 
 
 class PreludeTexts:
