@@ -22,9 +22,7 @@ Writes bench/results/repl.json (git-ignored). Timings on a shared machine are no
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -37,7 +35,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from tests.server_fixtures import LlamaServer, llama_server_binary  # noqa: E402
+from tests.server_fixtures import LlamaServer  # noqa: E402
+from server_args import server_bench_args  # noqa: E402
 from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E402
 
 from cached_prompts.backend import BackendKind  # noqa: E402
@@ -147,15 +146,7 @@ def measure(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads on each side")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    binary = llama_server_binary()
-    if binary is None:
-        print("llama-server is not built; run `make llama-server`", file=sys.stderr)
-        return 1
+    args, binary = server_bench_args(__doc__, "threads on each side", RESULTS)
     sizes = QUICK if args.quick else FULL
     prelude = prelude_text(sizes.examples)
     prompts = [prompt_text(i) for i in range(sizes.prompts)]

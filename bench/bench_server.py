@@ -17,9 +17,7 @@ Needs `make llama-server`. Writes bench/results/server.json (git-ignored).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -31,7 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from tests.server_fixtures import LlamaServer, llama_server_binary  # noqa: E402
+from tests.server_fixtures import LlamaServer  # noqa: E402
+from server_args import server_bench_args  # noqa: E402
 from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E402
 
 from cached_prompts.backend import GenerationRequest, PromptJob  # noqa: E402
@@ -158,15 +157,7 @@ def hit_rate(binary: Path, folder: Path, sizes: Sizes, threads: int, routing: st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads per server")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    binary = llama_server_binary()
-    if binary is None:
-        print("llama-server is not built; run `make llama-server`", file=sys.stderr)
-        return 1
+    args, binary = server_bench_args(__doc__, "threads per server", RESULTS)
     sizes = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

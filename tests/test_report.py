@@ -212,7 +212,7 @@ def test_stale_and_missing_outputs_are_marked(workspace: Path, open_page) -> Non
     assert view.page.evaluate(reason, "dictionary-long---umbrella.output-0.txt") == \
         "older than dictionary-long.txt"  # the prelude, not the prompt
     view.assert_clean()
-    # the commands judge outputs of another model stale (commands.Freshness): so does the page
+    # the commands judge outputs of another model stale (freshness.judge): so does the page
     other = open_page(report_file(workspace, model_id="this-model"))
     assert other.cards()["dictionary---library.output-0.txt"]["stale"] == "true"
     assert other.page.evaluate(reason, "dictionary---library.output-0.txt") == \

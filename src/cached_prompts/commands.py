@@ -15,12 +15,13 @@ from pathlib import Path
 
 from .backend import Backend, BackendKind, Completion, GenerationRequest, PreludeKind, PreludeSource, PromptJob
 from .errors import ContextOverflowError, IncompleteOutputsError, InputFileError
+from .freshness import StaleReason, judge
 from .options import SamplingOptions, derive_seed
 from .progress import Progress
-from .run_records import OutputRecord, new_run_id, read_record, utc_now, write_records
+from .run_records import OutputRecord, new_run_id, utc_now, write_records
 from .structured import freshness_inputs, load_constraint
 from .workspace import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, read_input_text,
-                        remove_stale_output_temp_files, stale, write_output)
+                        remove_stale_output_temp_files, write_output)
 
 log = logging.getLogger(__name__)
 SKIPPABLE = (InputFileError, ContextOverflowError)
@@ -50,8 +51,8 @@ def seeds_for(keys: list[int | str], sampling: SamplingOptions) -> list[int | No
 
 
 class Freshness:
-    """Make-like freshness, plus the model: outputs that another model made are stale (their
-    records say which model made them; outputs without a record are judged by time only)."""
+    """Which outputs a run makes again (freshness.judge), warning once when the reason is
+    that another model made them."""
 
     def __init__(self, backend: Backend) -> None:
         self._model_id = backend.model_id
@@ -59,20 +60,16 @@ class Freshness:
         self._warned = False
 
     def stale(self, outputs: list[Path], inputs: list[Path]) -> bool:
-        if any(stale(output, inputs) for output in outputs):
-            return True
-        return any(self._other_model(output) for output in outputs)
-
-    def _other_model(self, output: Path) -> bool:
-        record = read_record(output)
-        if record is None or record.model_id == self._model_id:
-            return False
-        if not self._warned:
+        """True if any of `outputs` is stale; raises InputFileError where one cannot be written."""
+        verdicts = [judge(output, inputs, self._model_id) for output in outputs]
+        other_model = next((v for v in verdicts if v and v.reason is StaleReason.OTHER_MODEL), None)
+        if other_model is not None and not self._warned:
             self._warned = True
+            record = other_model.record
             log.warning("outputs such as %s were made by %s, this run uses %s: they are made again",
-                        output.name, _model_described(record.backend, record.model, record.model_id),
-                        self._this_run)
-        return True
+                        outputs[verdicts.index(other_model)].name,
+                        _model_described(record.backend, record.model, record.model_id), self._this_run)
+        return any(verdicts)
 
 
 def _model_described(backend: str, name: str, model_id: str) -> str:

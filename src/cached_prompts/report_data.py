@@ -14,12 +14,13 @@ from functools import cached_property
 from pathlib import Path
 
 from .errors import InputFileError
+from .freshness import judge
 from .fsutil import NotRegularFileError, read_regular
 from .run_records import OutputRecord, read_record, utc_now
 from .scoring import ShownAnswer, read_scores
 from .structured import freshness_inputs
 from .workspace import (DETERMINISTIC, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS, TEST_PROMPTS_OUTPUTS,
-                        Workspace, stale)
+                        Workspace)
 
 # Largest file shown (4 MiB: a 128k-token prelude takes about 0.5 MiB).
 MAX_SHOWN_BYTES = 4 << 20
@@ -204,14 +205,14 @@ class _Collector:
         _fill_counts_from_records(item)
 
     def why_stale(self, output: Path, inputs: list[Path], record: OutputRecord | None) -> str:
-        """As the commands judge it (commands.Freshness): older than an input, or made by
-        another model than the one this report was made with."""
-        if _is_stale(output, inputs):
-            newer = _newer_inputs(output, inputs)
-            return "older than " + (" and ".join(p.name for p in newer) if newer else "its inputs")
-        if record is not None and self.model_id is not None and record.model_id != self.model_id:
-            return f"made by another model ({record.model})"
-        return ""
+        """As the commands judge it (freshness.judge), with the reason; '' if up to date."""
+        try:
+            verdict = judge(output, inputs, self.model_id, record=record)
+        except OSError:  # an input vanished meanwhile
+            return "older than its inputs"
+        except InputFileError as error:  # a folder where the output goes
+            return str(error)
+        return verdict.describe() if verdict else ""
 
     def prompt_after_prelude(self, prompt: FileText, prelude: FileText) -> int | None:
         """The prompt's tokens as the model sees them after its prelude: the joint text's
@@ -233,22 +234,6 @@ class _Collector:
                     "shorten it or use a longer context")
         return (f"prelude + prompt take {extra[0]} + {file.tokens} = {total} tokens, the context only "
                 f"{self.n_ctx}; shorten them or use a longer context")
-
-
-def _is_stale(output: Path, inputs: list[Path]) -> bool:
-    try:
-        return stale(output, inputs)
-    except OSError:  # an input vanished meanwhile
-        return True
-
-
-def _newer_inputs(output: Path, inputs: list[Path]) -> list[Path]:
-    """Which inputs make a stale output stale, to say so."""
-    try:
-        made = output.stat().st_mtime_ns
-        return [p for p in inputs if p.stat().st_mtime_ns > made]
-    except OSError:
-        return []
 
 
 def _fill_counts_from_records(item: InputView) -> None:
