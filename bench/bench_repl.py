@@ -1,7 +1,8 @@
 """The batching REPL's benchmark (issue #11), with the default model, in one run:
 
-  .venv/bin/python bench/bench_repl.py           # full sizes (a few minutes on 2 cores)
-  .venv/bin/python bench/bench_repl.py --quick   # tiny sizes: a smoke test of the script
+  .venv/bin/python bench/bench_repl.py                       # full sizes (about 5 minutes on 2 cores)
+  .venv/bin/python bench/bench_repl.py --kv-type q8_0-keys   # K in q8_0 on both sides
+  .venv/bin/python bench/bench_repl.py --quick               # tiny sizes: a smoke test of the script
 
 The workload of bench.py: a 1,459-token ChatML prelude, 3 prompts x 5 outputs x 48 tokens,
 the CLI's default sampling. Measured on the same machine with the same thread count:
@@ -10,14 +11,21 @@ the CLI's default sampling. Measured on the same machine with the same thread co
 2. ours, the same 3 prompts as 3 lines written at once to a service started with
    `--batch-waiting` (decoded together too; one answer line each);
 3. ours, one prompt per request, each sent after the previous answer;
-4. llama-server (as `make llama-server` builds it), its best: the prelude warmed, then one
-   `/completion` request per prompt with `n_cmpl` = 5, all three at once, or one after another
-   (the better of the two counts).
+4. llama-server (as `make llama-server` builds it), its best: two servers, one with its
+   defaults (flash attention "auto", one KV stream per slot) and one with `-fa off -kvu`
+   (a unified KV cache, as ours); on each the prelude warmed, then one `/completion` request
+   per prompt with `n_cmpl` = 5, all three at once, or one after another. Its best is the
+   fastest of the four;
+5. the ceiling: llama_decode alone on the same work (bench/decode_ceiling.py): what no
+   client of llama.cpp can beat here with this KV type, so ceiling / llama-server's best
+   bounds any client's ratio.
 
 Each side has its prelude ready before timing (our precache; the server's prompt cache).
 Throughput = generated tokens (stopped at EOS or the limit; our `info` counter, the server's
-`tokens_predicted`) / wall time of the requests, best of N rounds, the runs interleaved.
-Writes bench/results/repl.json (git-ignored). Timings on a shared machine are noisy.
+`tokens_predicted`) / wall time of the requests, best of --repeats rounds, the runs
+interleaved. Writes bench/results/repl.json (git-ignored). The 2-core machines here switch
+between a slow and a fast phase (the same llama_decode loop measured 142 and 183 tok/s
+minutes apart), so take the ratios of one run, never figures from two runs.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +47,11 @@ from tests.server_fixtures import LlamaServer  # noqa: E402
 from server_args import server_bench_args  # noqa: E402
 from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E402
 
+from decode_ceiling import DecodeCeiling  # noqa: E402
+
 from cached_prompts.backend import BackendKind  # noqa: E402
+from cached_prompts.local_backend import LocalBackend  # noqa: E402
+from cached_prompts.options import EngineOptions  # noqa: E402
 from cached_prompts.options import SamplingOptions, derive_seed  # noqa: E402
 from cached_prompts.server_api import ServerClient, sampling_fields  # noqa: E402
 
@@ -56,16 +68,16 @@ class Sizes:
     repeats: int
 
 
-FULL = Sizes(examples=11, prompts=3, outputs=5, max_tokens=48, repeats=3)
+FULL = Sizes(examples=11, prompts=3, outputs=5, max_tokens=48, repeats=5)
 QUICK = Sizes(examples=1, prompts=2, outputs=2, max_tokens=4, repeats=1)
 
 
 class Repl:
     """Our `stdio-json-repl` in a child process; lines in, lines out."""
 
-    def __init__(self, root: Path, threads: int, log: Any) -> None:
+    def __init__(self, root: Path, threads: int, kv_type: str, log: Any) -> None:
         command = [sys.executable, "-m", "cached_prompts.cli", "--root", str(root), "--n_threads", str(threads),
-                   "-q", "stdio-json-repl", "--batch-waiting"]
+                   "--kv-type", kv_type, "-q", "stdio-json-repl", "--batch-waiting"]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
 
     def send(self, lines: list[str]) -> list[dict[str, Any]]:
@@ -97,21 +109,26 @@ def single_prompt(prelude: str, sizes: Sizes, **arguments: Any) -> str:
         "inference_parameters": {"max_tokens": sizes.max_tokens}, **arguments}})
 
 
-def ours(repl: Repl, prelude: str, prompts: list[str], sizes: Sizes) -> dict[str, Callable[[], int]]:
-    def counted(send: Callable[[], None]) -> Callable[[], int]:
-        def run() -> int:
+# A run: given the prompts (new ones each time: no side may reuse a prompt it saw before), it
+# makes their outputs and returns how many tokens were generated.
+Run = Callable[[list[str]], int]
+
+
+def ours(repl: Repl, prelude: str, sizes: Sizes) -> dict[str, Run]:
+    def counted(send: Callable[[list[str]], None]) -> Run:
+        def run(prompts: list[str]) -> int:
             before = repl.generated()
-            send()
+            send(prompts)
             return repl.generated() - before
         return run
 
-    def prompts_request() -> None:
+    def prompts_request(prompts: list[str]) -> None:
         repl.send([single_prompt(prelude, sizes, prompts=prompts)])
 
-    def lines_at_once() -> None:
+    def lines_at_once(prompts: list[str]) -> None:
         repl.send([single_prompt(prelude, sizes, prompt=p) for p in prompts])
 
-    def one_per_request() -> None:
+    def one_per_request(prompts: list[str]) -> None:
         for p in prompts:
             repl.send([single_prompt(prelude, sizes, prompt=p)])
 
@@ -119,7 +136,13 @@ def ours(repl: Repl, prelude: str, prompts: list[str], sizes: Sizes) -> dict[str
             "ours_one_prompt_per_request": counted(one_per_request)}
 
 
-def server_runs(client: ServerClient, prelude: str, prompts: list[str], sizes: Sizes) -> dict[str, Callable[[], int]]:
+# llama-server's configurations tried: its defaults, and a unified KV cache (which needs no
+# flash attention to be fast on these CPUs); the flags for each --kv-type are added to both.
+SERVER_CONFIGS = {"server_default": (), "server_unified": ("-fa", "off", "-kvu")}
+SERVER_KV_FLAGS = {"f16": (), "q8_0-keys": ("-ctk", "q8_0"), "q8_0": ("-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on")}
+
+
+def server_runs(config: str, client: ServerClient, prelude: str, sizes: Sizes) -> dict[str, Run]:
     kind = BackendKind.LLAMA_SERVER
     fields = sampling_fields(SamplingOptions(max_tokens=sizes.max_tokens), kind, max_tokens=sizes.max_tokens,
                              seed=derive_seed(0, 0))
@@ -127,67 +150,115 @@ def server_runs(client: ServerClient, prelude: str, prompts: list[str], sizes: S
     def complete(text: str) -> int:
         return sum(client.complete(kind, "", text, sizes.outputs, fields).tokens)
 
-    def together() -> int:
+    def together(prompts: list[str]) -> int:
         with ThreadPoolExecutor(len(prompts)) as pool:
             return sum(pool.map(complete, [prelude + p for p in prompts]))
 
-    return {"server_together": together,
-            "server_one_after_another": lambda: sum(complete(prelude + p) for p in prompts)}
+    return {f"{config}_together": together,
+            f"{config}_one_after_another": lambda prompts: sum(complete(prelude + p) for p in prompts)}
 
 
-def measure(runs: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+def measure(runs: dict[str, Run], sizes: Sizes) -> dict[str, float]:
+    """Best tokens/s of each run over `sizes.repeats` rounds, the runs interleaved; every call
+    gets prompts of its own variant."""
     best = dict.fromkeys(runs, 0.0)
-    for _ in range(repeats):
+    variant = 0
+    for _ in range(sizes.repeats):
         for name, run in runs.items():
+            prompts = [prompt_text(i, variant) for i in range(sizes.prompts)]
+            variant += 1
             started = time.perf_counter()
-            tokens = run()
+            tokens = run(prompts)
             best[name] = max(best[name], tokens / (time.perf_counter() - started))
     return best
 
 
-def main() -> int:
-    args, binary = server_bench_args(__doc__, "threads on each side", RESULTS)
-    sizes = QUICK if args.quick else FULL
-    prelude = prelude_text(sizes.examples)
-    prompts = [prompt_text(i) for i in range(sizes.prompts)]
+def start_servers(binary: Path, work: Path, sizes: Sizes, threads: int, kv_type: str,
+                  prelude: str) -> dict[str, tuple[LlamaServer, ServerClient]]:
+    """Each configuration's server, started and its prelude warmed (idle servers use no CPU)."""
     slots = sizes.prompts * sizes.outputs
+    started: dict[str, tuple[LlamaServer, ServerClient]] = {}
+    warm = sampling_fields(SamplingOptions(), BackendKind.LLAMA_SERVER, max_tokens=0, seed=None)
+    try:
+        for config, flags in SERVER_CONFIGS.items():
+            server = LlamaServer(binary, work, ctx=slots * 2048, parallel=slots, threads=threads,
+                                 extra_args=(*flags, *SERVER_KV_FLAGS[kv_type]))
+            server.start()
+            client = ServerClient(server.url, timeout=600)
+            started[config] = (server, client)
+            client.complete(BackendKind.LLAMA_SERVER, "", prelude, 1, warm)
+    except BaseException:
+        stop_servers(started)
+        raise
+    return started
+
+
+def stop_servers(started: dict[str, tuple[LlamaServer, ServerClient]]) -> None:
+    for server, client in started.values():
+        client.close()
+        server.stop()
+
+
+def ceiling_run(ceiling: DecodeCeiling, tokenizer: LocalBackend, prelude: str) -> Run:
+    """llama_decode alone on the prompts' joint tokens (tokenized as our backend does)."""
+    return lambda prompts: ceiling.run([tokenizer.joint_tokens(prelude, p) for p in prompts])
+
+
+def main() -> int:
+    args, binary = server_bench_args(__doc__, "threads on each side", RESULTS, kv_types=tuple(SERVER_KV_FLAGS))
+    sizes = replace(QUICK if args.quick else FULL, **({"repeats": args.repeats} if args.repeats else {}))
+    prelude = prelude_text(sizes.examples)
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        server = LlamaServer(binary, work, ctx=slots * 2048, parallel=slots, threads=args.threads)
         with (work / "repl.log").open("wb") as log:
-            repl = Repl(work, args.threads, log)
+            repl = Repl(work, args.threads, args.kv_type, log)
+            servers: dict[str, tuple[LlamaServer, ServerClient]] = {}
+            options = EngineOptions(n_threads=args.threads, kv_type=args.kv_type)
+            tokenizer = LocalBackend(options, None)
+            decode_alone = DecodeCeiling(options, tokenizer.prelude_tokens(prelude, PRELUDE_ID), sizes.prompts,
+                                         sizes.outputs, sizes.max_tokens)
             try:
-                server.start()
-                client = ServerClient(server.url, timeout=600)
                 prelude_tokens = repl.send([json.dumps({"command": "precache", "arguments": {
                     "prelude_id": PRELUDE_ID, "prelude": prelude}})])[0]["value"]["tokens"]
-                warm = sampling_fields(SamplingOptions(), BackendKind.LLAMA_SERVER, max_tokens=0, seed=None)
-                client.complete(BackendKind.LLAMA_SERVER, "", prelude, 1, warm)
-                runs = {**ours(repl, prelude, prompts, sizes), **server_runs(client, prelude, prompts, sizes)}
-                best = measure(runs, sizes.repeats)
-                client.close()
+                servers = start_servers(binary, work, sizes, args.threads, args.kv_type, prelude)
+                runs = ours(repl, prelude, sizes)
+                for config, (_, client) in servers.items():
+                    runs.update(server_runs(config, client, prelude, sizes))
+                runs["ceiling_llama_decode"] = ceiling_run(decode_alone, tokenizer, prelude)
+                best = measure(runs, sizes)
             finally:
-                server.stop()
+                stop_servers(servers)
                 repl.close()
-    server_best = max(best["server_together"], best["server_one_after_another"])
-    results = {"sizes": asdict(sizes), "threads": args.threads, "prelude_tokens": prelude_tokens,
-               **{f"{name}_tok_s": round(value, 1) for name, value in best.items()},
-               "ratio_prompts_request": round(best["ours_prompts_request"] / server_best, 3),
-               "ratio_lines_batch_waiting": round(best["ours_lines_batch_waiting"] / server_best, 3),
-               "ratio_one_prompt_per_request": round(best["ours_one_prompt_per_request"] / server_best, 3)}
+                decode_alone.close()
+                tokenizer.close()
+    report(best, sizes, args, prelude_tokens)
+    return 0
+
+
+LABELS = {"ours_prompts_request": "ours, one request with prompts: [...]",
+          "ours_lines_batch_waiting": "ours, {n} lines at once, --batch-waiting",
+          "ours_one_prompt_per_request": "ours, one prompt per request",
+          "server_default_together": "llama-server defaults, {n} requests at once",
+          "server_default_one_after_another": "llama-server defaults, one after another",
+          "server_unified_together": "llama-server -fa off -kvu, {n} at once",
+          "server_unified_one_after_another": "llama-server -fa off -kvu, one after another",
+          "ceiling_llama_decode": "llama_decode alone (the ceiling)"}
+
+
+def report(best: dict[str, float], sizes: Sizes, args: Any, prelude_tokens: int) -> None:
+    server_best = max(value for name, value in best.items() if name.startswith("server_"))
+    ratios = {f"ratio_{name}": round(value / server_best, 3) for name, value in best.items()
+              if not name.startswith("server_")}
+    results = {"sizes": asdict(sizes), "threads": args.threads, "kv_type": args.kv_type,
+               "prelude_tokens": prelude_tokens, **{f"{name}_tok_s": round(value, 1) for name, value in best.items()},
+               "server_best_tok_s": round(server_best, 1), **ratios}
     print(f"{sizes.prompts} prompts x {sizes.outputs} outputs x {sizes.max_tokens} tokens, {prelude_tokens}-token "
-          f"prelude, {args.threads} threads each, best of {sizes.repeats}:")
-    n = sizes.prompts
-    for name, label in (("ours_prompts_request", "ours, one request with prompts: [...]"),
-                        ("ours_lines_batch_waiting", f"ours, {n} lines at once, --batch-waiting"),
-                        ("ours_one_prompt_per_request", "ours, one prompt per request"),
-                        ("server_together", f"llama-server, {n} requests (n_cmpl) at once"),
-                        ("server_one_after_another", "llama-server, one request after another")):
-        ratio = f"  {best[name] / server_best:.2f}x llama-server's best" if name.startswith("ours") else ""
-        print(f"  {label:42s} {best[name]:7.1f} tok/s{ratio}")
+          f"prelude, KV {args.kv_type}, {args.threads} threads each, best of {sizes.repeats}:")
+    for name, value in best.items():
+        ratio = "" if name.startswith("server_") else f"  {value / server_best:.2f}x llama-server's best"
+        print(f"  {LABELS[name].format(n=sizes.prompts):44s} {value:7.1f} tok/s{ratio}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,7 +158,7 @@ def hit_rate(binary: Path, folder: Path, sizes: Sizes, threads: int, routing: st
 
 def main() -> int:
     args, binary = server_bench_args(__doc__, "threads per server", RESULTS)
-    sizes = QUICK if args.quick else FULL
+    sizes = replace(QUICK if args.quick else FULL, **({"repeats": args.repeats} if args.repeats else {}))
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         results = {"sizes": asdict(sizes), "threads": args.threads,

@@ -46,7 +46,17 @@ def prelude(examples: int) -> str:
     return "".join(parts)
 
 
-def prompt(index: int) -> str:
+SEASONS = ["winter", "spring", "summer", "autumn"]
+SETTINGS = ["near the sea", "in the hills", "in a big city", "on a farm", "by a lake", "in a forest"]
+TONES = ["slowly", "quietly", "gently"]
+
+
+def prompt(index: int, variant: int = 0) -> str:
+    """Prompt `index`; variants 1..71 change its season, setting and tone (about the same
+    length), so that a benchmark can send each request a prompt no side has seen before."""
     topic = PROMPT_TOPICS[index % len(PROMPT_TOPICS)]
-    return (f"{user_turn(topic)} It should take place in winter, near the sea, and be told "
-            f"slowly.<|im_end|>\n<|im_start|>assistant\n")
+    season = SEASONS[variant % len(SEASONS)]
+    setting = SETTINGS[variant // len(SEASONS) % len(SETTINGS)]
+    tone = TONES[variant // (len(SEASONS) * len(SETTINGS)) % len(TONES)]
+    return (f"{user_turn(topic)} It should take place in {season}, {setting}, and be told "
+            f"{tone}.<|im_end|>\n<|im_start|>assistant\n")

@@ -48,8 +48,10 @@ class LlamaServer:
     """One llama-server process on 127.0.0.1 serving the default SmolLM2 model."""
 
     def __init__(self, binary: Path, log_dir: Path, *, port: int | None = None, ctx: int = 2048,
-                 parallel: int = 6, slot_dir: Path | None = None, threads: int = 1) -> None:
+                 parallel: int = 6, slot_dir: Path | None = None, threads: int = 1,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.binary, self.port = binary, port or free_port()
+        self.extra_args = extra_args
         self.ctx, self.parallel, self.threads = ctx, parallel, threads
         self.slot_dir = slot_dir
         self.log_path = log_dir / f"llama-server-{self.port}-{time.monotonic_ns()}.log"
@@ -66,6 +68,7 @@ class LlamaServer:
         if self.slot_dir is not None:
             self.slot_dir.mkdir(parents=True, exist_ok=True)
             command += ["--slot-save-path", str(self.slot_dir)]
+        command += list(self.extra_args)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)

@@ -19,7 +19,7 @@ from .errors import OptionsError
 
 log = logging.getLogger(__name__)
 
-KvType = Literal["f16", "q8_0"]
+KvType = Literal["f16", "q8_0", "q8_0-keys"]
 DEFAULT_CACHE_MAX_SIZE = "4G"
 # llama.cpp's limits on the context parameters (llama-context.cpp, ggml.h):
 MIN_N_CTX = 16  # (engine.Context also checks n_ctx and n_batch against the sequences it decodes)
@@ -142,7 +142,8 @@ class EngineOptions(BaseModel):
         json_schema_extra=_flag("--lp-n-gpu-layers", "layers offloaded to the GPU; -1 = all (default: all "
                                                      "when this llama.cpp build can offload, else 0)"))
     kv_type: KvType = Field(
-        "f16", json_schema_extra=_flag("--kv-type", "KV cache type: f16 or q8_0 (smaller cache files)"))
+        "f16", json_schema_extra=_flag("--kv-type", "KV cache type: f16, q8_0 (K and V in q8_0 with flash attention: "
+                                                "smallest cache files) or q8_0-keys (K in q8_0: fastest on CPUs)"))
     cache_max_size: str = Field(
         DEFAULT_CACHE_MAX_SIZE, json_schema_extra=_flag(
             "--cache-max-size", "largest total size of llm_cache/, in bytes or with K, M, G, T "
