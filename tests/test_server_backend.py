@@ -285,3 +285,17 @@ def test_an_unreachable_server_is_named(cli, workspace: Path, tmp_path: Path) ->
         ServerBackend(ServerOptions(servers=[url]), None, fallback_n_ctx=64)
     with pytest.raises(ServerError, match="no server given"):
         ServerBackend(ServerOptions(servers=[]), None, fallback_n_ctx=64)
+
+
+def test_local_engine_flags_given_with_servers_are_named_as_unused(cli, workspace: Path) -> None:
+    from .server_fixtures import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    code, _, err = cli(workspace, "precache-preludes", "--server", url, "--server-timeout", "5",
+                       "--kv-type", "q8_0-keys", "--n_threads", "1", "--lp-n-ctx", "2048")
+    assert code == 1  # nothing listens there
+    warning = next(line for line in err.splitlines() if "set the local engine only" in line)
+    assert "the servers use their own settings" in warning
+    named = warning.split(" set the local engine only")[0]
+    assert "--kv-type" in named and "--n_threads" in named
+    assert "--lp-n-ctx" not in named  # n_ctx is the servers' fallback

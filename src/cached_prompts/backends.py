@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .backend import Backend
 from .options import EngineOptions
 from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+# Engine options that only llama.cpp in this process reads: a server has its own.
+LOCAL_ENGINE_ONLY = frozenset({"model_path", "n_threads", "n_batch", "n_ubatch", "n_gpu_layers", "kv_type"})
+
+
+def engine_flag(name: str) -> str:
+    """The command-line flag of an EngineOptions field."""
+    return EngineOptions.model_fields[name].json_schema_extra["flag"]
 
 
 def open_backend(engine_options: EngineOptions, workspace: Workspace, *, verbose: bool = False,
@@ -14,6 +25,11 @@ def open_backend(engine_options: EngineOptions, workspace: Workspace, *, verbose
     """The backend for a command or the REPL; the caller closes it."""
     if server_options is not None and server_options.servers:
         from .server_backend import ServerBackend
+
+        ignored = sorted(LOCAL_ENGINE_ONLY & engine_options.model_fields_set)
+        if ignored:
+            log.warning("%s set the local engine only; the servers use their own settings (set them "
+                        "where each server starts)", ", ".join(engine_flag(name) for name in ignored))
 
         return ServerBackend(server_options, workspace.cache_dir, fallback_n_ctx=engine_options.n_ctx)
     from .local_backend import LocalBackend
