@@ -1,6 +1,6 @@
 """The batching REPL's benchmark (issue #11), with the default model, in one run:
 
-  .venv/bin/python bench/bench_repl.py                       # full sizes (about 5 minutes on 2 cores)
+  .venv/bin/python bench/bench_repl.py                       # full sizes (about 7 minutes on 2 cores)
   .venv/bin/python bench/bench_repl.py --kv-type q8_0-keys   # K in q8_0 on both sides
   .venv/bin/python bench/bench_repl.py --quick               # tiny sizes: a smoke test of the script
 
