@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -51,8 +52,7 @@ from decode_ceiling import DecodeCeiling  # noqa: E402
 
 from cached_prompts.backend import BackendKind  # noqa: E402
 from cached_prompts.local_backend import LocalBackend  # noqa: E402
-from cached_prompts.options import EngineOptions  # noqa: E402
-from cached_prompts.options import SamplingOptions, derive_seed  # noqa: E402
+from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed  # noqa: E402
 from cached_prompts.server_api import ServerClient, sampling_fields  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "repl.json"
@@ -139,6 +139,7 @@ def ours(repl: Repl, prelude: str, sizes: Sizes) -> dict[str, Run]:
 # llama-server's configurations tried: its defaults, and a unified KV cache (which needs no
 # flash attention to be fast on these CPUs); the flags for each --kv-type are added to both.
 SERVER_CONFIGS = {"server_default": (), "server_unified": ("-fa", "off", "-kvu")}
+# (q8_0's V needs flash attention: its "-fa on", last, overrides the unified server's "-fa off".)
 SERVER_KV_FLAGS = {"f16": (), "q8_0-keys": ("-ctk", "q8_0"), "q8_0": ("-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on")}
 
 
@@ -173,30 +174,22 @@ def measure(runs: dict[str, Run], sizes: Sizes) -> dict[str, float]:
     return best
 
 
-def start_servers(binary: Path, work: Path, sizes: Sizes, threads: int, kv_type: str,
-                  prelude: str) -> dict[str, tuple[LlamaServer, ServerClient]]:
-    """Each configuration's server, started and its prelude warmed (idle servers use no CPU)."""
+def start_servers(stack: ExitStack, binary: Path, work: Path, sizes: Sizes, threads: int, kv_type: str,
+                  prelude: str) -> dict[str, ServerClient]:
+    """Each configuration's server, started (stopped by `stack`) and its prelude warmed; idle
+    servers use no CPU."""
     slots = sizes.prompts * sizes.outputs
-    started: dict[str, tuple[LlamaServer, ServerClient]] = {}
+    clients: dict[str, ServerClient] = {}
     warm = sampling_fields(SamplingOptions(), BackendKind.LLAMA_SERVER, max_tokens=0, seed=None)
-    try:
-        for config, flags in SERVER_CONFIGS.items():
-            server = LlamaServer(binary, work, ctx=slots * 2048, parallel=slots, threads=threads,
-                                 extra_args=(*flags, *SERVER_KV_FLAGS[kv_type]))
-            server.start()
-            client = ServerClient(server.url, timeout=600)
-            started[config] = (server, client)
-            client.complete(BackendKind.LLAMA_SERVER, "", prelude, 1, warm)
-    except BaseException:
-        stop_servers(started)
-        raise
-    return started
-
-
-def stop_servers(started: dict[str, tuple[LlamaServer, ServerClient]]) -> None:
-    for server, client in started.values():
-        client.close()
-        server.stop()
+    for config, flags in SERVER_CONFIGS.items():
+        server = LlamaServer(binary, work, ctx=slots * 2048, parallel=slots, threads=threads,
+                             extra_args=(*flags, *SERVER_KV_FLAGS[kv_type]))
+        stack.callback(server.stop)
+        server.start()
+        clients[config] = ServerClient(server.url, timeout=600)
+        stack.callback(clients[config].close)
+        clients[config].complete(BackendKind.LLAMA_SERVER, "", prelude, 1, warm)
+    return clients
 
 
 def ceiling_run(ceiling: DecodeCeiling, tokenizer: LocalBackend, prelude: str) -> Run:
@@ -208,29 +201,22 @@ def main() -> int:
     args, binary = server_bench_args(__doc__, "threads on each side", RESULTS, kv_types=tuple(SERVER_KV_FLAGS))
     sizes = replace(QUICK if args.quick else FULL, **({"repeats": args.repeats} if args.repeats else {}))
     prelude = prelude_text(sizes.examples)
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, ExitStack() as stack:
         work = Path(folder)
-        with (work / "repl.log").open("wb") as log:
-            repl = Repl(work, args.threads, args.kv_type, log)
-            servers: dict[str, tuple[LlamaServer, ServerClient]] = {}
-            options = EngineOptions(n_threads=args.threads, kv_type=args.kv_type)
-            tokenizer = LocalBackend(options, None)
-            decode_alone = DecodeCeiling(options, tokenizer.prelude_tokens(prelude, PRELUDE_ID), sizes.prompts,
-                                         sizes.outputs, sizes.max_tokens)
-            try:
-                prelude_tokens = repl.send([json.dumps({"command": "precache", "arguments": {
-                    "prelude_id": PRELUDE_ID, "prelude": prelude}})])[0]["value"]["tokens"]
-                servers = start_servers(binary, work, sizes, args.threads, args.kv_type, prelude)
-                runs = ours(repl, prelude, sizes)
-                for config, (_, client) in servers.items():
-                    runs.update(server_runs(config, client, prelude, sizes))
-                runs["ceiling_llama_decode"] = ceiling_run(decode_alone, tokenizer, prelude)
-                best = measure(runs, sizes)
-            finally:
-                stop_servers(servers)
-                repl.close()
-                decode_alone.close()
-                tokenizer.close()
+        log = stack.enter_context((work / "repl.log").open("wb"))
+        repl = Repl(work, args.threads, args.kv_type, log)
+        stack.callback(repl.close)
+        prelude_tokens = repl.send([json.dumps({"command": "precache", "arguments": {
+            "prelude_id": PRELUDE_ID, "prelude": prelude}})])[0]["value"]["tokens"]
+        options = EngineOptions(n_threads=args.threads, kv_type=args.kv_type)
+        tokenizer = stack.enter_context(LocalBackend(options, None))
+        decode_alone = stack.enter_context(DecodeCeiling(tokenizer.model, options, tokenizer.prelude_tokens(
+            prelude, PRELUDE_ID), sizes.prompts, sizes.outputs, sizes.max_tokens))
+        runs = ours(repl, prelude, sizes)
+        for config, client in start_servers(stack, binary, work, sizes, args.threads, args.kv_type, prelude).items():
+            runs.update(server_runs(config, client, prelude, sizes))
+        runs["ceiling_llama_decode"] = ceiling_run(decode_alone, tokenizer, prelude)
+        best = measure(runs, sizes)
     report(best, sizes, args, prelude_tokens)
     return 0
 

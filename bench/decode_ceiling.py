@@ -13,24 +13,22 @@ ceiling / llama-server's best bounds the ratio any client could show against lla
 from __future__ import annotations
 
 from cached_prompts.backend import reusable_length
-from cached_prompts.engine import Context, Model, init_backend
-from cached_prompts.model_locator import resolve_model_path
+from cached_prompts.engine import Context, Model
 from cached_prompts.options import EngineOptions
 
 FILLER_TOKEN = 1000  # what every step decodes; the cost of a step does not depend on it
 
 
 class DecodeCeiling:
-    """The prelude decoded once; `run(prompts)` does a workload's llama_decode calls and
-    returns the tokens it generated (outputs x max_tokens). Close it (or use `with`)."""
+    """A context of its own on a loaded model (a backend's: the caller keeps it loaded) with
+    the prelude decoded once; `run(prompts)` does a workload's llama_decode calls and returns
+    the tokens it generated (outputs x max_tokens). Close it (or use `with`)."""
 
-    def __init__(self, options: EngineOptions, prelude: list[int], max_prompts: int, outputs_per_prompt: int,
-                 max_tokens: int) -> None:
-        init_backend(False)
+    def __init__(self, model: Model, options: EngineOptions, prelude: list[int], max_prompts: int,
+                 outputs_per_prompt: int, max_tokens: int) -> None:
         self.prelude = prelude
         self.outputs_per_prompt, self.max_tokens = outputs_per_prompt, max_tokens
-        self.model = Model(resolve_model_path(options.model_path), options.n_gpu_layers)
-        self.context = Context(self.model, options, n_seq_max=max_prompts * (outputs_per_prompt + 1) + 1)
+        self.context = Context(model, options, n_seq_max=max_prompts * (outputs_per_prompt + 1) + 1)
         # Like our backend: the stored state is prelude[:-1]; the joint tokens may split its end.
         stored = prelude[:-1]
         for start in range(0, len(stored), self.context.n_batch):
@@ -58,7 +56,6 @@ class DecodeCeiling:
 
     def close(self) -> None:
         self.context.close()
-        self.model.close()
 
     def __enter__(self) -> "DecodeCeiling":
         return self

@@ -179,12 +179,18 @@ def _skipped_section(data: ReportData) -> str:
             f"{len(data.skipped)}</span></h2>\n<ul class=\"reasons\">{rows}</ul></section>\n")
 
 
-def _drafts_section(data: ReportData) -> str:
-    if not data.drafts:
+def _items_section(section_id: str, group: str, title: str, count: str, items: list[InputView],
+                   data: ReportData) -> str:
+    """A group of input cards (drafts, or test prompts without a prelude); nothing when empty."""
+    if not items:
         return ""
-    items = "".join(_item(item, data) for item in data.drafts)
-    return (f"<section class=\"group\" id=\"drafts\" data-group=\"drafts\"><h2>Drafts <span class=\"count\">"
-            f"{_plural(len(data.drafts), 'draft')}</span></h2>\n{items}</section>\n")
+    cards = "".join(_item(item, data) for item in items)
+    return (f"<section class=\"group\" id=\"{section_id}\" data-group=\"{group}\"><h2>{title} "
+            f"<span class=\"count\">{count}</span></h2>\n{cards}</section>\n")
+
+
+def _drafts_section(data: ReportData) -> str:
+    return _items_section("drafts", "drafts", "Drafts", _plural(len(data.drafts), "draft"), data.drafts, data)
 
 
 def _prelude_section(prelude: PreludeView, data: ReportData, index: int) -> str:
@@ -226,11 +232,8 @@ def _heat_map(prelude: PreludeView) -> str:
 
 
 def _orphans_section(data: ReportData) -> str:
-    if not data.orphan_prompts:
-        return ""
-    items = "".join(_item(item, data) for item in data.orphan_prompts)
-    return ("<section class=\"group\" id=\"orphans\" data-group=\"\"><h2>Test prompts without a usable prelude "
-            f"<span class=\"count\">{len(data.orphan_prompts)}</span></h2>\n{items}</section>\n")
+    return _items_section("orphans", "", "Test prompts without a usable prelude", str(len(data.orphan_prompts)),
+                          data.orphan_prompts, data)
 
 
 def _stray_section(data: ReportData) -> str:
