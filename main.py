@@ -23,6 +23,6 @@ except ImportError:
         os.execv(str(venv_python), [str(venv_python), str(Path(__file__).resolve()), *sys.argv[1:]])
     sys.exit("error: llama-cpp-python is not installed; run `make setup` in " + str(HERE))
 
-from cached_prompts.cli import main  # noqa: E402
+from cached_prompts.cli.main import main  # noqa: E402
 
 sys.exit(main())

@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import FULL, QUICK, RESULTS, Bench  # noqa: E402
 
-from cached_prompts.backend import GenerationRequest, PromptJob, reusable_length  # noqa: E402
-from cached_prompts.generation import Branch, generate_branches  # noqa: E402
-from cached_prompts.prelude_state import PRELUDE_SEQ  # noqa: E402
+from cached_prompts.backend.interface import GenerationRequest, PromptJob, reusable_length  # noqa: E402
+from cached_prompts.local.generation import Branch, generate_branches  # noqa: E402
+from cached_prompts.local.prelude_state import PRELUDE_SEQ  # noqa: E402
 
 GREEDY_COPIES = 4
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", type=Path, default=RESULTS.with_name("batch_divergence.json"))
     args = parser.parse_args(argv)
-    from cached_prompts.model_locator import default_model_path
+    from cached_prompts.local.model_file import default_model_path
     bench = Bench(QUICK if args.quick else FULL, args.threads, default_model_path())
     runner = bench.runner(args.kv_type, None)
     prelude = runner.prelude_tokens(bench.prelude, "bench prelude")

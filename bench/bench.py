@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profiling import timed_breakdown  # noqa: E402
 from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E402
 
-from cached_prompts.cache import CacheStore  # noqa: E402
-from cached_prompts.model_locator import default_model_path  # noqa: E402
+from cached_prompts.cache.store import CacheStore  # noqa: E402
+from cached_prompts.local.model_file import default_model_path  # noqa: E402
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed  # noqa: E402
-from cached_prompts.backend import GenerationRequest, PromptJob  # noqa: E402
-from cached_prompts.local_backend import LocalBackend as Runner  # noqa: E402
+from cached_prompts.backend.interface import GenerationRequest, PromptJob  # noqa: E402
+from cached_prompts.local.backend import LocalBackend as Runner  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 

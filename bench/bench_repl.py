@@ -50,10 +50,10 @@ from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E40
 
 from decode_ceiling import DecodeCeiling  # noqa: E402
 
-from cached_prompts.backend import BackendKind  # noqa: E402
-from cached_prompts.local_backend import LocalBackend  # noqa: E402
+from cached_prompts.backend.interface import BackendKind  # noqa: E402
+from cached_prompts.local.backend import LocalBackend  # noqa: E402
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed  # noqa: E402
-from cached_prompts.server_api import ServerClient, sampling_fields  # noqa: E402
+from cached_prompts.server.api import ServerClient, sampling_fields  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "repl.json"
 PRELUDE_ID = "bench"
@@ -76,7 +76,7 @@ class Repl:
     """Our `stdio-json-repl` in a child process; lines in, lines out."""
 
     def __init__(self, root: Path, threads: int, kv_type: str, log: Any) -> None:
-        command = [sys.executable, "-m", "cached_prompts.cli", "--root", str(root), "--n_threads", str(threads),
+        command = [sys.executable, "-m", "cached_prompts", "--root", str(root), "--n_threads", str(threads),
                    "--kv-type", kv_type, "-q", "stdio-json-repl", "--batch-waiting"]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
 

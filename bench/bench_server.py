@@ -33,12 +33,12 @@ from tests.server_fixtures import LlamaServer  # noqa: E402
 from server_args import server_bench_args  # noqa: E402
 from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E402
 
-from cached_prompts.backend import GenerationRequest, PromptJob  # noqa: E402
+from cached_prompts.backend.interface import GenerationRequest, PromptJob  # noqa: E402
 from cached_prompts.options import SamplingOptions, ServerOptions, derive_seed  # noqa: E402
-from cached_prompts.server_api import ServerClient, sampling_fields  # noqa: E402
-from cached_prompts.server_backend import ServerBackend  # noqa: E402
-from cached_prompts.server_index import tokens_digest  # noqa: E402
-from cached_prompts.server_routing import ServerState, rank_servers  # noqa: E402
+from cached_prompts.server.api import ServerClient, sampling_fields  # noqa: E402
+from cached_prompts.server.backend import ServerBackend  # noqa: E402
+from cached_prompts.server.index import tokens_digest  # noqa: E402
+from cached_prompts.server.routing import ServerState, rank_servers  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "server.json"
 

@@ -12,8 +12,8 @@ ceiling / llama-server's best bounds the ratio any client could show against lla
 
 from __future__ import annotations
 
-from cached_prompts.backend import reusable_length
-from cached_prompts.engine import Context, Model
+from cached_prompts.backend.interface import reusable_length
+from cached_prompts.local.engine import Context, Model
 from cached_prompts.options import EngineOptions
 
 FILLER_TOKEN = 1000  # what every step decodes; the cost of a step does not depend on it

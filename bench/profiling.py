@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from cached_prompts.engine import Context, SamplerChain
+from cached_prompts.local.engine import Context, SamplerChain
 
 PARTS = {"prefill": (Context, "decode_sequence"), "decode": (Context, "decode_step"),
          "sampling": (SamplerChain, "sample"), "sampler_setup": (SamplerChain, "__init__"),
@@ -63,7 +63,7 @@ def main() -> None:
     import pstats
 
     from bench import FULL, QUICK, Bench
-    from cached_prompts.model_locator import default_model_path
+    from cached_prompts.local.model_file import default_model_path
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")

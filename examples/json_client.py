@@ -34,7 +34,7 @@ class CachedPromptsClient:
     def __init__(self, root: str | Path = ".", *options: str, stderr: IO[bytes] | int | None = None) -> None:
         """Start the service on workspace `root`; `options` are global flags such as
         `--lp-n-ctx 2048` or `-q`; the service's log goes to `stderr` (default: ours)."""
-        command = [sys.executable, "-m", "cached_prompts.cli", "--root", str(root), *options,
+        command = [sys.executable, "-m", "cached_prompts.cli.main", "--root", str(root), *options,
                    "stdio-json-repl"]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
         self._ids = itertools.count(1)

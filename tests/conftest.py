@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts.model_locator import default_model_path
+from cached_prompts.local.model_file import default_model_path
 from cached_prompts.options import EngineOptions, SamplingOptions
-from cached_prompts.backend import GenerationRequest, PreludeKind, PromptJob
-from cached_prompts.local_backend import LocalBackend
+from cached_prompts.backend.interface import GenerationRequest, PreludeKind, PromptJob
+from cached_prompts.local.backend import LocalBackend
 
 CHATML_SYSTEM = ("<|im_start|>system\nYou are a concise dictionary. For each word, reply with one "
                  "sentence that defines it.<|im_end|>\n<|im_start|>user\n")
@@ -110,7 +110,7 @@ def age_tree(root: Path, seconds: float = 100.0) -> None:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
     """Run the CLI in-process on a workspace: `cli(root, "outputs-test-prompts", "-n", "2")`."""
-    from cached_prompts.cli import main
+    from cached_prompts.cli.main import main
 
     def run(root: Path, *args: str) -> tuple[int, str, str]:
         capsys.readouterr()

@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cached_prompts.model_locator import default_model_path
+from cached_prompts.local.model_file import default_model_path
+from cached_prompts.server.launch import safe_server_flags
 
 from .conftest import missing_tool
 
@@ -64,7 +65,8 @@ class LlamaServer:
     def start(self) -> "LlamaServer":
         command = [str(self.binary), "-m", str(default_model_path()), "--host", "127.0.0.1",
                    "--port", str(self.port), "-c", str(self.ctx), "-np", str(self.parallel),
-                   "-t", str(self.threads), "-tb", str(self.threads), "--metrics", "--no-webui"]
+                   "-t", str(self.threads), "-tb", str(self.threads), "--metrics", "--no-webui",
+                   *safe_server_flags()]
         if self.slot_dir is not None:
             self.slot_dir.mkdir(parents=True, exist_ok=True)
             command += ["--slot-save-path", str(self.slot_dir)]

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts.architecture import MemoryKind, gguf_architecture
-from cached_prompts.backend import PreludeSource, reusable_length
-from cached_prompts.cache import StateSettings
-from cached_prompts.engine import Model, compute_setup, resolve_gpu_layers
+from cached_prompts.local.architecture import MemoryKind, gguf_architecture
+from cached_prompts.backend.interface import PreludeSource, reusable_length
+from cached_prompts.cache.store import StateSettings
+from cached_prompts.local.engine import Model, compute_setup, resolve_gpu_layers
 from cached_prompts.errors import ModelError, StateUnusableError
-from cached_prompts.local_backend import LocalBackend
+from cached_prompts.local.backend import LocalBackend
 from cached_prompts.options import EngineOptions, SamplingOptions
 
 from .conftest import PRELUDE, generate, generate_many, missing_tool, prompt_for

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts import engine, local_backend
-from cached_prompts.cache import META_SUFFIX, STATE_SUFFIX, folder_size, settings_key_of, tokens_digest
+from cached_prompts.local import backend as local_backend, engine
+from cached_prompts.cache.store import META_SUFFIX, STATE_SUFFIX, folder_size, settings_key_of, tokens_digest
 from cached_prompts.options import EngineOptions, build_options, parse_size
 
 from .conftest import age, write

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from .conftest import CHATML_SYSTEM, PRELUDE, age, generate, prompt_for, write
 
-from cached_prompts import locks
-from cached_prompts.cache import (FOLDER_LOCK, META_SUFFIX, STATE_SUFFIX, CacheStore, StateSettings,
+from cached_prompts.fs import locks
+from cached_prompts.cache.store import (FOLDER_LOCK, META_SUFFIX, STATE_SUFFIX, CacheStore, StateSettings,
                                   clear_folder, entry_lock_path, folder_size, parse_meta, tokens_digest)
-from cached_prompts.fsutil import TEMP_PREFIX, TEMP_SUFFIX
+from cached_prompts.fs.files import TEMP_PREFIX, TEMP_SUFFIX
 
 MAX_TOKENS = ("--max-tokens", "8")
 # One thread per process: the tests start several processes on a few shared cores, where
@@ -55,7 +55,7 @@ def build_workspace(root: Path) -> Path:
 
 
 def cli_command(root: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "cached_prompts.cli", "--root", str(root), "--lp-n-ctx", "1024",
+    return [sys.executable, "-m", "cached_prompts", "--root", str(root), "--lp-n-ctx", "1024",
             "--lp-n-batch", "256", *ONE_THREAD, *args]
 
 
@@ -158,7 +158,7 @@ def test_killing_precache_at_many_points_never_leaves_an_entry_that_is_used(
 WRITER = """
 import sys
 from pathlib import Path
-from cached_prompts.cache import CacheStore, StateSettings
+from cached_prompts.cache.store import CacheStore, StateSettings
 store = CacheStore(Path(sys.argv[1]), StateSettings("0" * 64, "f16", "test"))
 print("ready", flush=True)
 for i in range(4):
@@ -224,7 +224,7 @@ def test_leftovers_of_killed_writers_are_removed_but_live_writes_are_left_alone(
 def test_a_lock_of_a_killed_process_does_not_block(tmp_path: Path) -> None:
     path = tmp_path / "entry.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from cached_prompts import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from cached_prompts.fs import "
          "locks; locks.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)", str(path)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -515,8 +515,8 @@ MEMORY_LIMIT = 1 << 30
 READER = """
 import sys
 from pathlib import Path
-from cached_prompts import cache_admin
-from cached_prompts.cache import CacheStore, StateSettings
+from cached_prompts.commands import cache_admin
+from cached_prompts.cache.store import CacheStore, StateSettings
 folder, action = Path(sys.argv[1]), sys.argv[2]
 store = CacheStore(folder, StateSettings("0" * 64, "f16", "test"))
 if action == "list":

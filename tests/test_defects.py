@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts import locks
-from cached_prompts.cache import META_SUFFIX, STATE_SUFFIX, CacheStore, StateSettings
+from cached_prompts.fs import locks
+from cached_prompts.cache.store import META_SUFFIX, STATE_SUFFIX, CacheStore, StateSettings
 from cached_prompts.errors import CacheError, CacheWriteError
-from cached_prompts.fsutil import TEMP_PREFIX, TEMP_SUFFIX
-from cached_prompts.generation import TextCollector
+from cached_prompts.fs.files import TEMP_PREFIX, TEMP_SUFFIX
+from cached_prompts.local.generation import TextCollector
 from cached_prompts.options import EngineOptions, SamplingOptions
-from cached_prompts.workspace import (DRAFTS_OUTPUTS, TEST_PROMPTS_OUTPUTS, Workspace,
+from cached_prompts.workspace.layout import (DRAFTS_OUTPUTS, TEST_PROMPTS_OUTPUTS, Workspace,
                                       remove_stale_output_temp_files)
 
 from .conftest import generate, write
@@ -42,7 +42,7 @@ def clean_env() -> dict[str, str]:
 
 def cli_executable() -> list[str]:
     script = VENV / "bin" / "cached-prompts"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cached_prompts.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cached_prompts"]
 
 
 # ----- ./main.py from a checkout ---------------------------------------------------------------

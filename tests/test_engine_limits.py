@@ -38,7 +38,7 @@ def one_prelude(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(("flag", "value"), BAD_VALUES)
 def test_a_value_llama_cpp_rejects_gets_a_one_line_error(one_prelude: Path, flag: str, value: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "cached_prompts.cli", "--root", str(one_prelude), flag, value, "precache-preludes"],
+        [sys.executable, "-m", "cached_prompts", "--root", str(one_prelude), flag, value, "precache-preludes"],
         capture_output=True, text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode in (1, 2), result.stderr[-2000:]
@@ -51,7 +51,7 @@ def test_the_smallest_batch_that_fits_the_sequences_works(tmp_path: Path) -> Non
     root = tmp_path / "ws"
     write(root / "preludes" / "dictionary.txt", PRELUDE)
     result = subprocess.run(
-        [sys.executable, "-m", "cached_prompts.cli", "--root", str(root), "--lp-n-batch", "17",
+        [sys.executable, "-m", "cached_prompts", "--root", str(root), "--lp-n-batch", "17",
          "--lp-n-ubatch", "3", "precache-preludes"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

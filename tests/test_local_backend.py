@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts.backend import PreludeSource, reusable_length
-from cached_prompts.cache import CacheStore
+from cached_prompts.backend.interface import PreludeSource, reusable_length
+from cached_prompts.cache.store import CacheStore
 from cached_prompts.options import SamplingOptions, derive_seed
-from cached_prompts.repl import Session
-from cached_prompts.run_records import read_record
+from cached_prompts.repl.session import Session
+from cached_prompts.workspace.records import read_record
 
 from .conftest import GREEDY, PRELUDE, generate, prompt_for, write
 
@@ -117,7 +117,7 @@ def test_an_entry_that_cannot_be_restored_is_replaced(make_runner, tmp_path: Pat
 
 def test_a_full_disk_costs_the_cache_entry_not_the_outputs(cli, workspace: Path, monkeypatch,
                                                            caplog: pytest.LogCaptureFixture) -> None:
-    import cached_prompts.cache as cache_module
+    import cached_prompts.cache.store as cache_module
 
     real_atomic_write = cache_module.atomic_write
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from cached_prompts.chat_format import FORMATS, ChatFormatKind, answer_spans, detect, markers_of
+from cached_prompts.method.chat_format import FORMATS, ChatFormatKind, answer_spans, detect, markers_of
 from cached_prompts.errors import ConstraintError
-from cached_prompts.local_backend import LocalBackend
+from cached_prompts.local.backend import LocalBackend
 from cached_prompts.options import EngineOptions, SamplingOptions
-from cached_prompts.repl import Session
-from cached_prompts.scoring import score_prelude, scores_path
-from cached_prompts.structured import checked_grammar, grammar_from_schema
+from cached_prompts.repl.session import Session
+from cached_prompts.method.scoring import score_prelude, scores_path
+from cached_prompts.method.constraints import checked_grammar, grammar_from_schema
 
 from .conftest import CHATML_SYSTEM, PRELUDE, age, age_tree, generate, prompt_for, write
 
@@ -183,7 +183,7 @@ def test_the_models_own_answer_scores_above_a_shuffled_copy(cli, workspace: Path
 
 
 def scores_path_of(root: Path) -> Path:
-    from cached_prompts.workspace import Workspace
+    from cached_prompts.workspace.layout import Workspace
 
     return scores_path(Workspace(root))
 
@@ -204,7 +204,7 @@ def test_scores_are_those_of_one_pass_over_the_whole_prelude(workspace: Path, ma
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(bare.context.handle),
                                    shape=(len(tokens), bare.model.n_vocab)).astype(np.float64)
     log_sum = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
-    from cached_prompts.scoring import token_offsets
+    from cached_prompts.method.scoring import token_offsets
 
     offsets = token_offsets(bare.model, tokens, path.read_text("utf-8"))
     for answer, repeated in zip(first.answers, again.answers):
@@ -386,7 +386,7 @@ def test_batch_waiting_decodes_waiting_lines_together_and_answers_each(tmp_path:
              '{id: "end", command: "info"}']
     stdin = tmp_path / "requests.jsonl"  # a file: every line is waiting from the start
     stdin.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    command = [sys.executable, "-m", "cached_prompts.cli", "--root", str(tmp_path), "--lp-n-ctx", "1024",
+    command = [sys.executable, "-m", "cached_prompts", "--root", str(tmp_path), "--lp-n-ctx", "1024",
                "--lp-n-batch", "256", "--max-tokens", "5", "stdio-json-repl", "--batch-waiting"]
     with stdin.open("rb") as requests:
         done = subprocess.run(command, stdin=requests, capture_output=True, timeout=600)

@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed
-from cached_prompts.protocol import MAX_LINE_BYTES, encode_response
-from cached_prompts.backend import PreludeKind
-from cached_prompts.repl import Session, run_loop
-from cached_prompts.local_backend import LocalBackend as Runner
+from cached_prompts.repl.protocol import MAX_LINE_BYTES, encode_response
+from cached_prompts.backend.interface import PreludeKind
+from cached_prompts.repl.serve import run_loop
+from cached_prompts.repl.session import Session
+from cached_prompts.local.backend import LocalBackend as Runner
 
 from .conftest import PRELUDE, generate, prompt_for
 
@@ -284,7 +285,7 @@ def test_the_loop_answers_every_line_in_order_including_oversized_ones(session: 
 
 
 def repl_command(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cached_prompts.cli", "--root", str(root), *FLAGS, *extra, "stdio-json-repl"]
+    return [sys.executable, "-m", "cached_prompts", "--root", str(root), *FLAGS, *extra, "stdio-json-repl"]
 
 
 def test_a_mixed_session_through_a_real_process(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts.report import build_report, json_for_script, write_report
-from cached_prompts.run_records import OutputRecord, new_run_id, read_record, record_path, write_records
-from cached_prompts.workspace import Workspace
+from cached_prompts.report.page import build_report, json_for_script, write_report
+from cached_prompts.workspace.records import OutputRecord, new_run_id, read_record, record_path, write_records
+from cached_prompts.workspace.layout import Workspace
 
 from .conftest import age, age_tree, missing_tool, prompt_for, write
 
@@ -180,7 +180,7 @@ def test_open_hands_the_page_to_the_web_browser(workspace: Path, tmp_path: Path)
     opened = tmp_path / "opened.txt"
     # $BROWSER is what Python's webbrowser runs: here a command that notes the URL it gets
     browser = f"{sys.executable} -c \"import sys; open({str(opened)!r}, 'w').write(sys.argv[1])\" %s"
-    result = subprocess.run([sys.executable, "-m", "cached_prompts.cli", "--root", str(workspace), "-q",
+    result = subprocess.run([sys.executable, "-m", "cached_prompts", "--root", str(workspace), "-q",
                              "report", "--open"], env={**os.environ, "BROWSER": browser},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cached_prompts.errors import ContextOverflowError, InputFileError
-from cached_prompts.generation import TextCollector
+from cached_prompts.local.generation import TextCollector
 from cached_prompts.options import SamplingOptions
 
 from .conftest import GREEDY, PRELUDE, SAMPLED, generate, prompt_for

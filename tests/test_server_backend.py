@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from cached_prompts.backend import PreludeSource
+from cached_prompts.backend.interface import PreludeSource
 from cached_prompts.errors import ServerDownError, ServerError
 from cached_prompts.options import SamplingOptions, ServerOptions
-from cached_prompts.repl import Session
-from cached_prompts.server_backend import ServerBackend
-from cached_prompts.server_index import tokens_digest
+from cached_prompts.repl.session import Session
+from cached_prompts.server.backend import ServerBackend
+from cached_prompts.server.index import tokens_digest
 
 from .conftest import CHATML_SYSTEM, age_tree, prompt_for, write
 from .server_fixtures import LlamaServer, llama_servers  # noqa: F401  (the fixture)

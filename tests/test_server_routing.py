@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts.backend import PreludeKind
+from cached_prompts.backend.interface import PreludeKind
 from cached_prompts.errors import OptionsError
 from cached_prompts.options import server_options, split_by_model
-from cached_prompts.server_api import ServerClient
-from cached_prompts.server_index import ServerIndex, slot_file_name, tokens_digest
-from cached_prompts.server_routing import ServerPool, ServerState, rank_servers
+from cached_prompts.server.api import ServerClient
+from cached_prompts.server.index import ServerIndex, slot_file_name, tokens_digest
+from cached_prompts.server.routing import ServerPool, ServerState, rank_servers
 
 
 def states(*urls: str, capacity: int = 2) -> list[ServerState]:

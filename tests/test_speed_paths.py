@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts.backend import GenerationRequest, PromptJob
-from cached_prompts.generation import generate_branches
+from cached_prompts.backend.interface import GenerationRequest, PromptJob
+from cached_prompts.local.generation import generate_branches
 from cached_prompts.options import SamplingOptions
 from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, SAMPLED, generate, generate_many, missing_tool, prompt_for
 from .server_fixtures import llama_server_binary
@@ -95,7 +95,7 @@ def test_waves_respect_the_sequences_and_the_free_cells(make_runner, monkeypatch
         seen.append(sum(len(b.seeds) for b in branches))
         return original(context, model, branches, *args, **kwargs)
 
-    monkeypatch.setattr("cached_prompts.local_backend.generate_branches", spy)
+    monkeypatch.setattr("cached_prompts.local.backend.generate_branches", spy)
     outputs = generate_many(runner, prelude, prompts, SAMPLED.model_copy(update={"max_tokens": 3}), seeds,
                                    label="p")
     assert max(seen) <= runner.n_parallel and sum(seen) == 15

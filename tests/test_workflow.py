@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cached_prompts.local_backend import LocalBackend as Runner
+from cached_prompts.local.backend import LocalBackend as Runner
 
 from .conftest import PRELUDE, age_tree, generate, prompt_for, write
 

@@ -15,11 +15,12 @@ from typing import Any, Literal
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
                       field_validator)
 
-from .errors import OptionsError
+from cached_prompts.errors import OptionsError
 
 log = logging.getLogger(__name__)
 
 KvType = Literal["f16", "q8_0", "q8_0-keys"]
+Repack = Literal["auto", "on", "off"]
 DEFAULT_CACHE_MAX_SIZE = "4G"
 # llama.cpp's limits on the context parameters (llama-context.cpp, ggml.h):
 MIN_N_CTX = 16  # (engine.Context also checks n_ctx and n_batch against the sequences it decodes)
@@ -144,6 +145,10 @@ class EngineOptions(BaseModel):
     kv_type: KvType = Field(
         "f16", json_schema_extra=_flag("--kv-type", "KV cache type: f16, q8_0 (K and V in q8_0 with flash attention: "
                                                 "smallest cache files) or q8_0-keys (K in q8_0: fastest on CPUs)"))
+    repack: Repack = Field(
+        "auto", json_schema_extra=_flag(
+            "--lp-repack", "weights in llama.cpp's repacked CPU layouts: on, off, or auto (on, except where "
+                           "the CPU has AMX: llama.cpp's AMX path crashes there)"))
     cache_max_size: str = Field(
         DEFAULT_CACHE_MAX_SIZE, json_schema_extra=_flag(
             "--cache-max-size", "largest total size of llm_cache/, in bytes or with K, M, G, T "

@@ -1,0 +1,2 @@
+"""The command line: flags built from the options model, dispatch, and the messages that turn
+errors into advice (main; the method commands in method). May import everything."""

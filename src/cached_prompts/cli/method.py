@@ -1,0 +1,93 @@
+"""The command line of the seed's method: `promote`, `score-preludes`, `init` (their flags,
+their call into the library, their output). cli.py hands these commands over here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from cached_prompts.backend.interface import Backend
+from cached_prompts.method.chat_format import FORMATS, AnswerMarkers, detect
+from cached_prompts.errors import OptionsError
+from cached_prompts.method.init_workspace import init_workspace
+from cached_prompts.method.promote import promote
+from cached_prompts.method.scoring import render_json, render_text, score_preludes, write_scores_file
+from cached_prompts.workspace.layout import Workspace
+
+log = logging.getLogger(__name__)
+
+COMMANDS = {
+    "promote": "make preludes/NAME.txt from a draft, its output K and the opening of the next user turn",
+    "score-preludes": "how natural each example answer of each prelude is to the model (mean log-probability)",
+    "init": "create a workspace: its folders, cached-prompts.toml and an example in the model's chat format",
+}
+
+
+def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
+    if name == "promote":
+        parser.add_argument("draft", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt)")
+        parser.add_argument("k", metavar="K", type=int, help="which output: prelude_drafts_outputs/DRAFT.output-K.txt")
+        parser.add_argument("--as", dest="as_name", metavar="NAME", default=None,
+                            help="write preludes/NAME.txt (default: the draft's name)")
+        parser.add_argument("-f", "--force", action="store_true", help="overwrite an existing prelude")
+        parser.add_argument("--next-turn", metavar="TEXT", default=None,
+                            help="the opening of the next user turn (default: from the draft's chat format, "
+                                 "e.g. '<|im_end|>\\n<|im_start|>user\\n' for ChatML)")
+    elif name == "score-preludes":
+        parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+        parser.add_argument("--answer-marker", metavar="START", default=None,
+                            help="example answers start after this text (default: the assistant turns of "
+                                 "the prelude's chat format)")
+        parser.add_argument("--answer-end", metavar="END", action="append", default=None,
+                            help="an example answer ends before this text (repeatable; default with "
+                                 "--answer-marker: the chat format's end of turn, else a newline)")
+    elif name == "init":
+        parser.add_argument("dir", metavar="DIR", nargs="?", type=Path, default=None,
+                            help="the workspace folder to create (default: --root, else the current folder)")
+
+
+def run_init(args: argparse.Namespace, model_path: str | None) -> int:
+    root = (args.dir or Path(getattr(args, "root", Path.cwd()))).resolve()
+    report = init_workspace(root, model_path, verbose=getattr(args, "verbose", False))
+    for path in report.created:
+        print(path)
+    log.info("workspace %s: %d created, %d already there (kept as they were); the example is in the %s "
+             "format%s", root, len(report.created), len(report.kept), report.chat_format.value,
+             "" if report.recognised else " (the model's own format was not recognised)")
+    return 0
+
+
+def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend]) -> int:
+    if args.command == "promote":
+        promoted = promote(workspace, args.draft, args.k, name=args.as_name, force=args.force,
+                           next_turn=args.next_turn)
+        print(promoted.path.relative_to(workspace.root).as_posix())
+        log.info("%s = draft + output %d + %r (%s)", promoted.path.name, args.k, promoted.next_turn,
+                 promoted.chat_format.value + " format" if promoted.chat_format else "--next-turn")
+        return 0
+    markers = _answer_markers(args)
+    with backend_factory() as backend:
+        scores, skipped = score_preludes(workspace, backend, markers)
+        if scores:
+            write_scores_file(workspace, backend, scores)
+    print(render_json(scores) if args.json else render_text(scores))
+    return 1 if skipped else 0
+
+
+def _answer_markers(args: argparse.Namespace) -> AnswerMarkers | None:
+    if args.answer_marker is None:
+        if args.answer_end:
+            raise OptionsError("--answer-end needs --answer-marker START (where the answers begin)")
+        return None
+    if not args.answer_marker:
+        raise OptionsError("--answer-marker must not be empty")
+    ends = tuple(e for e in (args.answer_end or []) if e)
+    if args.answer_end and not ends:
+        raise OptionsError("--answer-end must not be empty")
+    if not ends:
+        chat = detect(args.answer_marker)
+        ends = FORMATS[chat.kind].answer_ends if chat is not None else ("\n",)
+    return AnswerMarkers(args.answer_marker, ends)

@@ -1,0 +1,286 @@
+"""The workspace commands as library functions; the CLI only parses and renders.
+
+They speak only to a `Backend` (backend.py). A per-file problem (bad name, missing prelude,
+not UTF-8, too long for the context) is logged and the file skipped while the others are
+still done; anything else stops the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+
+from cached_prompts.backend.interface import Backend, BackendKind, Completion, GenerationRequest, PreludeKind, PreludeSource, PromptJob
+from cached_prompts.errors import ContextOverflowError, IncompleteOutputsError, InputFileError
+from cached_prompts.workspace.freshness import StaleReason, judge
+from cached_prompts.options import SamplingOptions, derive_seed
+from cached_prompts.commands.progress import Progress
+from cached_prompts.workspace.records import OutputRecord, new_run_id, utc_now, write_records
+from cached_prompts.method.constraints import freshness_inputs, load_constraint
+from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, read_input_text,
+                        remove_stale_output_temp_files, write_output)
+
+log = logging.getLogger(__name__)
+SKIPPABLE = (InputFileError, ContextOverflowError)
+
+
+@dataclass
+class RunReport:
+    written: list[Path] = field(default_factory=list)
+    up_to_date: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    run_id: str = field(default_factory=new_run_id)  # in every output's record
+
+    def skip(self, path: Path, error: Exception) -> None:
+        log.error("skipped %s: %s", path.name, error)
+        self.skipped.append((path, str(error)))
+
+
+def output_keys(n: int, deterministic: bool) -> list[int | str]:
+    return [DETERMINISTIC] if deterministic else list(range(n))
+
+
+def seeds_for(keys: list[int | str], sampling: SamplingOptions) -> list[int | None]:
+    """Greedy for the deterministic output, else the seed derived from the base seed and K."""
+    if sampling.greedy:
+        return [None] * len(keys)
+    return [None if key == DETERMINISTIC else derive_seed(sampling.seed, int(key)) for key in keys]
+
+
+class Freshness:
+    """Which outputs a run makes again (freshness.judge), warning once when the reason is
+    that another model made them."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._model_id = backend.model_id
+        self._this_run = _model_described(backend.kind.value, backend.model_name, backend.model_id)
+        self._warned = False
+
+    def stale(self, outputs: list[Path], inputs: list[Path]) -> bool:
+        """True if any of `outputs` is stale; raises InputFileError where one cannot be written."""
+        verdicts = [judge(output, inputs, self._model_id) for output in outputs]
+        other_model = next((v for v in verdicts if v and v.reason is StaleReason.OTHER_MODEL), None)
+        if other_model is not None and not self._warned:
+            self._warned = True
+            record = other_model.record
+            log.warning("outputs such as %s were made by %s, this run uses %s: they are made again",
+                        outputs[verdicts.index(other_model)].name,
+                        _model_described(record.backend, record.model, record.model_id), self._this_run)
+        return any(verdicts)
+
+
+def _model_described(backend: str, name: str, model_id: str) -> str:
+    """A model as the freshness warning names it: the same file name can stand for another
+    file, or for a server's model, so the backend and the identity are said too."""
+    identity = f"SHA-256 {model_id[:12]}" if backend == BackendKind.LOCAL.value else f"model id {model_id}"
+    return f"the model {name} ({backend}, {identity})"
+
+
+class PreludeTexts:
+    """Reads and tokenizes each prelude file once per run."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._read: dict[Path, tuple[str, list[int]]] = {}
+
+    def __call__(self, path: Path) -> tuple[str, list[int]]:
+        """(text, tokens) of a prelude file."""
+        if path not in self._read:
+            text = read_input_text(path)
+            self._read[path] = (text, self._backend.prelude_tokens(text, f"{PRELUDES}/{path.name}"))
+        return self._read[path]
+
+
+@dataclass
+class _Input:
+    """One draft or test prompt to answer: its joint tokens and where its outputs go."""
+
+    path: Path
+    full: list[int]
+    outputs: list[Path]
+    grammar: str | None = None  # from its schema or grammar sidecar (structured.py)
+
+
+def precache_preludes(workspace: Workspace, backend: Backend) -> RunReport:
+    """Compute and store every prelude's state; shorter ones first, so a prelude that
+    extends another is built from the other's state."""
+    report = RunReport()
+    preludes = PreludeTexts(backend)
+    work: list[tuple[Path, list[int]]] = []
+    for path in workspace.preludes():
+        try:
+            work.append((path, preludes(path)[1]))
+        except SKIPPABLE as error:
+            report.skip(path, error)
+    work.sort(key=lambda item: (len(item[1]), item[0].name))
+    progress = Progress(len(work))
+    for path, tokens in work:
+        progress.start_item(f"{PRELUDES}/{path.name}", f"{len(tokens)} tokens")
+        load = backend.prepare_prelude(tokens, path.stem, on_prefill=progress.prefill)
+        (report.written if load.computed_tokens else report.up_to_date).append(path)
+        if load.source == PreludeSource.PREFIX:
+            log.info("    built on a cached prefix of %d tokens", load.reused_tokens)
+        progress.finish_item()
+    return report
+
+
+def outputs_for_drafts(workspace: Workspace, backend: Backend, sampling: SamplingOptions,
+                       n: int, force: bool) -> RunReport:
+    """N sampled answers per draft; a draft is a prelude with an empty prompt."""
+    report = RunReport()
+    remove_stale_output_temp_files(workspace)
+    keys = output_keys(n, False)
+    fresh = Freshness(backend)
+    todo = []
+    for draft in workspace.drafts():
+        outputs = [workspace.draft_output(draft, key) for key in keys]
+        try:
+            is_stale = fresh.stale(outputs, freshness_inputs(draft)) or force  # checks the outputs too
+        except SKIPPABLE as error:
+            report.skip(draft, error)
+            continue
+        if is_stale:
+            todo.append((draft, outputs))
+        else:
+            report.up_to_date.append(draft)
+    progress = Progress(len(todo))
+    for draft, outputs in todo:
+        try:
+            tokens = backend.prelude_tokens(read_input_text(draft), f"{DRAFTS}/{draft.name}")
+            grammar = load_constraint(draft, backend)
+        except SKIPPABLE as error:
+            report.skip(draft, error)
+            progress.finish_item()
+            continue
+        _generate(backend, progress, f"{DRAFTS}/{draft.name}", tokens, [_Input(draft, tokens, outputs, grammar)],
+                  sampling, keys, label=f"draft {draft.stem}", kind=PreludeKind.DRAFT, report=report)
+    return report
+
+
+def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: SamplingOptions,
+                         n: int, deterministic: bool, force: bool) -> RunReport:
+    """Answers per test prompt: N sampled ones, or one greedy with `deterministic`."""
+    report = RunReport()
+    remove_stale_output_temp_files(workspace)
+    keys = output_keys(n, deterministic)
+    fresh = Freshness(backend)
+    todo = []
+    for path in workspace.test_prompt_files():
+        try:
+            prompt = workspace.test_prompt(path)
+            outputs = [workspace.prompt_output(path, key) for key in keys]
+            is_stale = fresh.stale(outputs, [*freshness_inputs(path), prompt.prelude_path]) or force
+        except SKIPPABLE as error:
+            report.skip(path, error)
+            continue
+        if is_stale:
+            todo.append((prompt, outputs))
+        else:
+            report.up_to_date.append(path)
+    todo.sort(key=lambda item: (item[0].prelude_path.name, item[0].path.name))
+    preludes = PreludeTexts(backend)
+    progress = Progress(len(todo))
+    for prelude_path, group in groupby(todo, key=lambda item: item[0].prelude_path):
+        ready: list[_Input] = []
+        for prompt, outputs in group:
+            try:
+                prelude_text, prelude = preludes(prelude_path)
+                full = backend.joint_tokens(prelude_text, read_input_text(prompt.path))
+                backend.check_fits(prelude, full)
+                grammar = load_constraint(prompt.path, backend)
+            except SKIPPABLE as error:
+                report.skip(prompt.path, error)
+                progress.finish_item()
+                continue
+            ready.append(_Input(prompt.path, full, outputs, grammar))
+        if not ready:
+            continue
+        prelude = preludes(prelude_path)[1]
+        # Sampled outputs of several prompts are decoded together (faster: README, "Speed");
+        # greedy ones are decoded alone anyway.
+        together = not (deterministic or sampling.greedy) and len(ready) > 1
+        for batch in ([ready] if together else [[item] for item in ready]):
+            name = (f"{TEST_PROMPTS}/{prelude_path.stem}---*" if len(batch) > 1
+                    else f"{TEST_PROMPTS}/{batch[0].path.name}")
+            _generate(backend, progress, name, prelude, batch, sampling, keys, label=prelude_path.stem,
+                      kind=PreludeKind.PRELUDE, report=report)
+    return report
+
+
+def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int], batch: list[_Input],
+              sampling: SamplingOptions, keys: list[int | str], *, label: str, kind: PreludeKind,
+              report: RunReport) -> None:
+    """All outputs of the inputs in `batch` together: outputs decoded side by side depend on
+    each other's batch, so they are regenerated as a set to stay reproducible. If they do not
+    fit the context together, each input is tried alone."""
+    described = _describe(len(batch), keys)
+    sizes = "/".join(str(len(item.full) - len(prelude)) for item in batch)
+    progress.start_item(name, f"{described}, {len(prelude)} + {sizes} tokens")
+    budget = len(batch) * len(keys) * sampling.max_tokens
+    request = GenerationRequest(prelude, [PromptJob(item.full, seeds_for(keys, sampling), item.grammar)
+                                          for item in batch],
+                                sampling, label, kind=kind, store=kind != PreludeKind.DRAFT)
+    started = time.monotonic()
+    lost: IncompleteOutputsError | None = None
+    try:
+        completions = backend.generate(request, on_prefill=progress.prefill,
+                                       on_step=lambda new: progress.generated(new, described, budget))
+    except IncompleteOutputsError as error:  # servers: write what was made, name the rest
+        completions, lost = error.completed, error
+    except ContextOverflowError as error:
+        if len(batch) == 1:
+            progress.finish_item()
+            report.skip(batch[0].path, error)
+            return
+        log.warning("%s: %s; generating one prompt at a time", label, error)
+        for item in batch:
+            _generate(backend, progress, f"{TEST_PROMPTS}/{item.path.name}", prelude, [item], sampling, keys,
+                      label=label, kind=kind, report=report)
+        return
+    seconds = time.monotonic() - started
+    for item, item_completions in zip(batch, completions):
+        progress.finish_item()
+        if item_completions is None:
+            report.skip(item.path, lost)
+            continue
+        made = _Made(backend, sampling, report.run_id, seconds, len(prelude), len(item.full) - len(prelude))
+        _write_outputs(item, item_completions, made, report)
+
+
+def _describe(n_inputs: int, keys: list[int | str]) -> str:
+    if keys == [DETERMINISTIC]:
+        return "greedy output" if n_inputs == 1 else f"{n_inputs} greedy outputs"
+    if n_inputs == 1:
+        return f"outputs 1-{len(keys)} of {len(keys)}"
+    return f"{n_inputs} prompts x {len(keys)} outputs"
+
+
+@dataclass
+class _Made:
+    """What made a set of outputs, for their records (run_records.py)."""
+
+    backend: Backend
+    sampling: SamplingOptions
+    run_id: str
+    seconds: float
+    prelude_tokens: int
+    prompt_tokens: int
+
+    def record(self, completion: Completion) -> OutputRecord:
+        sampling = self.sampling if completion.seed is not None else self.sampling.as_greedy()
+        return OutputRecord(model=self.backend.model_name, model_id=self.backend.model_id,
+                            backend=self.backend.kind.value, sampling=sampling.model_dump(),
+                            seed=completion.seed, created=utc_now(), run_id=self.run_id,
+                            generated_tokens=completion.tokens, seconds=round(self.seconds, 3),
+                            prelude_tokens=self.prelude_tokens, prompt_tokens=self.prompt_tokens,
+                            n_ctx=self.backend.n_ctx)
+
+
+def _write_outputs(item: _Input, completions: list[Completion], made: _Made, report: RunReport) -> None:
+    for path, completion in zip(item.outputs, completions):
+        write_output(path, completion.text)
+        report.written.append(path)
+    write_records((path, made.record(c)) for path, c in zip(item.outputs, completions))

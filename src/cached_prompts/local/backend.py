@@ -1,0 +1,228 @@
+"""The local backend: llama.cpp in this process, with the prelude cache on disk.
+
+A request is evaluated as (the same steps whether or not the prelude came from the cache,
+so cached and uncached outputs are bitwise identical):
+  1. sequence 0 gets the prelude's state, `prelude[:-1]` (prelude_state.py);
+  2. each prompt's branch copies the reusable part of it (`reusable_length`: all of it unless
+     the joint tokenization changed the prelude's last tokens) into its own sequence and
+     decodes the rest of its joint tokens, which leaves the logits of the first answer token;
+  3. the outputs are decoded (generation.py). A greedy output is decoded alone: a batch of
+     several sequences changes llama.cpp's arithmetic slightly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from cached_prompts.backend.interface import (Backend, BackendKind, Completion, Counters, GenerationRequest, PreludeKind,
+                      PreludeLoad, ProgressCallback, StepCallback, StoredPrelude, reusable_length)
+from cached_prompts.cache.store import CacheStore, meta_file
+from cached_prompts.local.engine import (Context, Model, SamplerChain, check_context_limits, init_backend,
+                                         resolve_repack, state_settings)
+from cached_prompts.errors import ConstraintError, StateUnusableError
+from cached_prompts.local.generation import Branch, generate_branches
+from cached_prompts.local.model_file import fingerprint_model, resolve_model_path
+from cached_prompts.options import EngineOptions
+from cached_prompts.local.prelude_state import PRELUDE_SEQ, PreludeStates
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARALLEL = 16
+Wave = list[tuple[int, list[int | None]]]  # (job index, the seeds of that job decoded in this wave)
+
+
+class LocalBackend(Backend):
+    kind = BackendKind.LOCAL
+
+    def __init__(self, options: EngineOptions, cache_dir: Path | None, *, verbose: bool = False,
+                 n_parallel: int = DEFAULT_PARALLEL) -> None:
+        # Sequence 0 holds the prelude; outputs take sequences 1..n_parallel.
+        check_context_limits(options, n_parallel + 1)  # before the model loads: a bad flag fails fast
+        model_path = resolve_model_path(options.model_path)
+        init_backend(verbose)
+        self.options = options
+        self.model = Model(model_path, options.n_gpu_layers, repack=resolve_repack(options.repack))
+        self.n_parallel = n_parallel
+        self.context = Context(self.model, options, n_seq_max=n_parallel + 1)
+        fingerprint = fingerprint_model(model_path, cache_dir)
+        self._model_sha256 = fingerprint.sha256
+        self.settings = state_settings(options, fingerprint.sha256)
+        self.cache = (CacheStore(cache_dir, self.settings, str(model_path), max_bytes=options.cache_max_bytes)
+                      if cache_dir else None)
+        self.counters = Counters()
+        self.states = PreludeStates(self.context, self.cache, self.context.n_batch, self.counters)
+        self._kept: dict[tuple[str, PreludeKind], tuple[list[int], str]] = {}  # -> (tokens, entry name)
+
+    # ----- what it is -----------------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        return self.options.n_ctx
+
+    @property
+    def model_name(self) -> str:
+        return self.model.path.name
+
+    @property
+    def model_id(self) -> str:
+        return self._model_sha256
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.kind.value, "model_path": str(self.model.path), "model_sha256": self.model_id,
+                "context_length": self.n_ctx, "llama_cpp_python_version": llama_cpp.__version__,
+                "architecture": self.model.architecture.name,
+                "memory": self.model.architecture.memory.value, "device": self.settings.device,
+                "cache_dir": str(self.cache.folder) if self.cache else None,
+                "cache_disk_reads": self.cache.disk_reads if self.cache else 0,
+                "cache_disk_writes": self.cache.disk_writes if self.cache else 0}
+
+    def close(self) -> None:
+        self.context.close()
+        self.model.close()
+
+    def tokenize(self, text: str, *, at_start: bool) -> list[int]:
+        return self.model.tokenize(text, at_start=at_start)
+
+    # ----- prelude states ---------------------------------------------------------------------
+
+    def prepare_prelude(self, tokens: list[int], label: str, *, kind: PreludeKind = PreludeKind.PRELUDE,
+                        store: bool = True, on_prefill: ProgressCallback | None = None) -> PreludeLoad:
+        return self.states.load(tokens, label, kind, store=store, on_prefill=on_prefill)
+
+    def unload(self) -> None:
+        """Forget the prelude held in memory: the next request restores or computes it."""
+        self.states.unload()
+
+    def keep_prelude(self, label: str, tokens: list[int], kind: PreludeKind) -> None:
+        if len(tokens) < 2 or self.cache is None:
+            return  # a one-token prelude has no state to store
+        known = self._kept.get((label, kind))
+        # The entry may have been evicted or dropped by another process meanwhile.
+        if known is not None and known[0] == tokens and meta_file(self.cache.folder, known[1]).is_file():
+            return
+        entry = next((e for e in self.cache.entries() if e.label == label and e.kind == kind.value
+                      and e.tokens == tokens), None)
+        if entry is None:
+            if self.states.loaded != tokens:
+                self.prepare_prelude(tokens, label, kind=kind)
+            entry = self.states.keep(label, kind, tokens)
+        if entry is not None:
+            self._kept[(label, kind)] = (list(tokens), entry.name)
+
+    def check_grammar(self, grammar: str, source: str) -> None:
+        try:
+            llama_cpp.llama_sampler_free(SamplerChain.grammar_sampler(self.model, grammar))
+        except ConstraintError as error:
+            raise ConstraintError(f"{source}: {error}") from None
+
+    def kept_preludes(self, kind: PreludeKind) -> list[StoredPrelude]:
+        if self.cache is None:
+            return []
+        entries = sorted((e for e in self.cache.entries() if e.kind == kind.value), key=lambda e: e.label)
+        return [StoredPrelude(e.label, e.n_tokens, e.state_bytes) for e in entries]
+
+    def drop_prelude(self, label: str, kind: PreludeKind) -> int:
+        self._kept.pop((label, kind), None)
+        if self.cache is None:
+            return 0
+        dropped = [e for e in self.cache.entries(all_settings=True) if e.kind == kind.value and e.label == label]
+        for entry in dropped:
+            self.cache.remove(entry)
+        return len(dropped)
+
+    # ----- outputs ------------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest, *, on_prefill: ProgressCallback | None = None,
+                 on_step: StepCallback | None = None) -> list[list[Completion]]:
+        """Greedy outputs are decoded alone; the sampled outputs of all jobs are decoded
+        together, in waves that fit the sequences and the free KV cells."""
+        prelude, jobs = request.prelude, request.jobs
+        for job in jobs:
+            self.check_fits(prelude, job.full)
+        self.prepare_prelude(prelude, request.label, kind=request.kind, store=request.store,
+                             on_prefill=on_prefill)
+        budgets = [self.answer_budget(job.full, request.sampling, request.label) for job in jobs]
+        outputs: list[dict[int | None, Completion]] = [{} for _ in jobs]
+        counting = self._counting(on_step)
+        for index, job in enumerate(jobs):
+            self.counters.prompt_tokens += len(job.full) - self._reused(prelude, job.full)
+            if None in job.seeds:
+                outputs[index][None] = self._run_checked_wave(request, [(index, [None])], budgets, counting)[0][0]
+        for wave in self._plan_waves(request, budgets):
+            for (index, _), completions in zip(wave, self._run_checked_wave(request, wave, budgets, counting)):
+                outputs[index].update((c.seed, c) for c in completions)
+        return [[outputs[i][seed] for seed in job.seeds] for i, job in enumerate(jobs)]
+
+    def _reused(self, prelude: list[int], full: list[int]) -> int:
+        """How much of the prelude's state a job starts from: what its joint tokens share with
+        it, if the state can be cut there (Architecture.shortest_cut: a recurrent state only
+        whole); else nothing, and the job's branch decodes all its tokens."""
+        reused = reusable_length(prelude, full)
+        return reused if reused >= self.model.architecture.shortest_cut(len(prelude) - 1) else 0
+
+    def _plan_waves(self, request: GenerationRequest, budgets: list[int]) -> list[Wave]:
+        """The distinct sampled seeds of every job, packed in job order into waves that fit
+        `n_parallel` sequences and the context's KV cells (the prelude's are shared)."""
+        waves: list[Wave] = []
+        prelude = request.prelude
+        free_cells = self.n_ctx - (len(prelude) - 1)
+        seqs_left = cells_left = 0
+        for index, job in enumerate(request.jobs):
+            pending = list(dict.fromkeys(seed for seed in job.seeds if seed is not None))
+            tail_cells = len(job.full) - self._reused(prelude, job.full)
+            while pending:
+                fit = min(seqs_left, (cells_left - tail_cells) // budgets[index])
+                if fit < 1:
+                    waves.append([])
+                    seqs_left, cells_left = self.n_parallel, free_cells
+                    fit = max(1, min(seqs_left, (cells_left - tail_cells) // budgets[index]))
+                chunk, pending = pending[:fit], pending[fit:]
+                waves[-1].append((index, chunk))
+                seqs_left -= len(chunk)
+                cells_left -= tail_cells + len(chunk) * budgets[index]
+        return waves
+
+    def _run_checked_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int],
+                          on_step: StepCallback) -> list[list[Completion]]:
+        """A wave; if the prelude state in memory cannot give a branch what it needs (see
+        Context.seq_copy), it is dropped and loaded again (restored or computed) once."""
+        try:
+            return self._run_wave(request, wave, budgets, on_step)
+        except StateUnusableError as error:
+            log.info("%s: the prelude state in memory cannot be used (%s); loading it again", request.label, error)
+            self.states.unload()
+            self.prepare_prelude(request.prelude, request.label, kind=request.kind, store=request.store)
+            return self._run_wave(request, wave, budgets, on_step)
+
+    def _run_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int],
+                  on_step: StepCallback) -> list[list[Completion]]:
+        self.states.clear_outputs()
+        prelude = request.prelude
+        fulls = [request.jobs[index].full for index, _ in wave]
+        branches = [Branch(seeds, budgets[index], full, len(full), request.jobs[index].grammar)
+                    for (index, seeds), full in zip(wave, fulls)]
+
+        def decode_tail(branch: int, seq: int) -> None:
+            full = fulls[branch]
+            reused = self._reused(prelude, full)
+            self.context.seq_copy(PRELUDE_SEQ, seq, reused)
+            step = self.context.n_batch
+            for chunk_start in range(reused, len(full), step):
+                self.context.decode_sequence(full[chunk_start:chunk_start + step], chunk_start, seq)
+
+        try:
+            return generate_branches(self.context, self.model, branches, request.sampling, decode_tail,
+                                     first_seq=PRELUDE_SEQ + 1, on_step=on_step)
+        finally:
+            self.states.clear_outputs()
+
+    def _counting(self, on_step: StepCallback | None) -> StepCallback:
+        def count(n: int) -> None:
+            self.counters.generated_tokens += n
+            if on_step is not None:
+                on_step(n)
+        return count

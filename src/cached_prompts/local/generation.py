@@ -1,0 +1,153 @@
+"""The decode loop: several sequences sampled together from shared prefixes.
+
+Sequence 0 of the context holds the prelude. A wave is one or more branches, one per prompt:
+the branch's tail (what its joint tokens add to the reused prelude state) is decoded into its
+first sequence, built on a copy of sequence 0's cells,
+its outputs share that KV through `llama_memory_seq_cp` (cells shared, not copied), and each
+output has its own sequence, sampler chain and seed. The first token of a branch's outputs
+is sampled right after its prompt is decoded (the next decode overwrites those logits);
+then all outputs of all branches advance by one token per `llama_decode` call, and finished
+ones drop out of the batch.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cached_prompts.backend.interface import Completion, StepCallback
+from cached_prompts.local.engine import Context, Model, SamplerChain
+from cached_prompts.options import SamplingOptions
+
+TailDecoder = Callable[[int, int], None]  # (branch index, sequence) -> decode that branch's prompt
+
+
+class TextCollector:
+    """Turns token bytes into text without losing characters split across tokens, and
+    stops at the first stop string (which is not kept)."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = [s for s in stops if s]
+        self._longest_stop = max((len(s) for s in self._stops), default=0)
+        self.text = ""
+        self.stopped = False
+
+    def add(self, piece: bytes) -> bool:
+        """Append a token's bytes; True once a stop string has been seen."""
+        return self._append(self._decoder.decode(piece))
+
+    def finish(self) -> str:
+        """The final text. Bytes of a character the last piece left incomplete become U+FFFD
+        (as errors="replace" does) rather than vanish; nothing is added after a stop."""
+        if not self.stopped:
+            self._append(self._decoder.decode(b"", final=True))
+        return self.text
+
+    def _append(self, new: str) -> bool:
+        if not new:
+            return False
+        search_from = max(0, len(self.text) - self._longest_stop + 1)
+        self.text += new
+        if not self._stops:
+            return False
+        hits = [i for i in (self.text.find(s, search_from) for s in self._stops) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+        return self.stopped
+
+
+@dataclass
+class Branch:
+    """The outputs of one prompt within a wave."""
+
+    seeds: list[int | None]
+    budget: int  # most tokens per output
+    history: Sequence[int]  # prelude + prompt tokens, for the penalties
+    position: int  # position of the first generated token
+    grammar: str | None = None  # GBNF every output must match
+
+
+class _Output:
+    """One sequence being generated; `token` is the last sampled one, decoded next."""
+
+    __slots__ = ("seq", "seed", "chain", "collector", "position", "left", "token", "count")
+
+    def __init__(self, seq: int, seed: int | None, chain: SamplerChain, collector: TextCollector,
+                 position: int, budget: int) -> None:
+        self.seq, self.seed, self.chain, self.collector = seq, seed, chain, collector
+        self.position, self.left, self.token, self.count = position, budget, -1, 0
+
+    def take(self, token: int, model: Model) -> bool:
+        """Record a sampled token; True if it is part of the text (then `left` says
+        whether it is to be decoded for another one)."""
+        if model.is_end(token) or self.collector.add(model.piece(token)):
+            self.left = 0
+            return False
+        self.left -= 1
+        self.count += 1
+        self.token = token
+        return True
+
+
+def generate_branches(context: Context, model: Model, branches: Sequence[Branch], sampling: SamplingOptions,
+                      decode_tail: TailDecoder, *, first_seq: int = 0,
+                      on_step: StepCallback | None = None) -> list[list[Completion]]:
+    """Completions per branch, per seed. Sequences are numbered from `first_seq` in branch
+    order; `decode_tail(b, seq)` must leave branch b's tail in `seq` and its logits at row -1."""
+    outputs: list[_Output] = []
+    live: list[_Output] = []
+    try:
+        for index, branch in enumerate(branches):
+            first = first_seq + len(outputs)
+            decode_tail(index, first)
+            live += _start_branch(context, model, branch, sampling, first, outputs, on_step)
+        _decode_loop(context, model, live, on_step)
+    finally:
+        for output in outputs:
+            output.chain.close()
+    completions = iter([Completion(o.collector.finish(), o.count, o.seed) for o in outputs])
+    return [[next(completions) for _ in branch.seeds] for branch in branches]
+
+
+def _start_branch(context: Context, model: Model, branch: Branch, sampling: SamplingOptions, first: int,
+                  outputs: list[_Output], on_step: StepCallback | None) -> list[_Output]:
+    """Create the branch's outputs and sample their first tokens; returns those that go on."""
+    recent = list(branch.history[-sampling.repeat_last_n:]) if sampling.repeat_last_n else []
+    going = []
+    taken = 0
+    for k, seed in enumerate(branch.seeds):
+        seq = first + k
+        if k:
+            context.seq_copy(first, seq)
+        chain = SamplerChain(model, sampling if seed is not None else sampling.as_greedy(), seed or 0,
+                             branch.grammar)
+        output = _Output(seq, seed, chain, TextCollector(sampling.stop), branch.position, branch.budget)
+        outputs.append(output)
+        chain.remember(recent)
+        if output.take(chain.sample(context, -1), model):
+            taken += 1
+            if output.left:
+                going.append(output)
+    if on_step is not None:
+        on_step(taken)
+    return going
+
+
+def _decode_loop(context: Context, model: Model, live: list[_Output], on_step: StepCallback | None) -> None:
+    while live:
+        context.decode_step([o.token for o in live], [o.position for o in live], [o.seq for o in live])
+        going = []
+        taken = 0
+        for row, output in enumerate(live):
+            output.position += 1
+            if output.take(output.chain.sample(context, row), model):
+                taken += 1
+                if output.left:
+                    going.append(output)
+        if on_step is not None:
+            on_step(taken)
+        live = going
+

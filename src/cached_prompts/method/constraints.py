@@ -1,0 +1,184 @@
+"""Structured outputs: a JSON schema or a GBNF grammar that every output of a prompt matches.
+
+A draft or test prompt `NAME.txt` may have a sidecar next to it, `NAME.schema.json` (a JSON
+schema) or `NAME.gbnf` (a grammar); the REPL's `single_prompt` takes `json_schema` or
+`grammar`. A schema becomes GBNF with llama-cpp-python's converter; the grammar then goes to
+llama.cpp's grammar sampler (engine.SamplerChain), which lets only tokens the grammar allows
+be sampled. The backend checks a grammar before any decoding (`Backend.check_grammar`), so a
+bad one is a clear error, never a crash.
+
+Sidecars come from the untrusted workspace: read only if they are regular files (no links),
+bounded in size, and a schema is refused if it asks for remote `$ref`s or for repetitions
+large enough to blow the grammar up.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from cached_prompts.backend.interface import Backend
+from cached_prompts.errors import ConstraintError
+from cached_prompts.fs.regular import kind_of, read_regular
+
+MAX_SIDECAR_BYTES = 256 * 1024
+MAX_GRAMMAR_BYTES = 1 << 20
+# minItems, maxLength, {n,m} ... : the converter writes each repetition out, so a huge bound
+# would make a huge grammar (and take the memory to build it).
+MAX_REPETITION = 1000
+MAX_SCHEMA_DEPTH = 100
+_REPETITION_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+_PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+class ConstraintKind(str, enum.Enum):
+    SCHEMA = ".schema.json"
+    GRAMMAR = ".gbnf"
+
+
+def shown(path: Path) -> str:
+    """A workspace file as messages name it: `test_prompts/A---x.schema.json`."""
+    return f"{path.parent.name}/{path.name}"
+
+
+# ----- sidecars --------------------------------------------------------------------------------
+
+
+def sidecar_of(input_path: Path) -> Path | None:
+    """The schema or grammar sidecar of a draft or test prompt, if it has one. Raises
+    ConstraintError if it has both, or if one is a link, folder or other non-file."""
+    found = [input_path.with_name(input_path.stem + kind.value) for kind in ConstraintKind]
+    found = [path for path in found if os.path.lexists(path)]
+    if len(found) > 1:
+        raise ConstraintError(f"{shown(input_path)} has both {found[0].name} and {found[1].name}; "
+                              "keep one of them")
+    if not found:
+        return None
+    mode = os.lstat(found[0]).st_mode
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else kind_of(mode)
+        raise ConstraintError(f"{shown(found[0])} is {what}, not a file; put the schema or grammar itself there")
+    return found[0]
+
+
+def freshness_inputs(input_path: Path) -> list[Path]:
+    """What a draft's or test prompt's own outputs depend on: the file and its sidecar."""
+    sidecar = sidecar_of(input_path)
+    return [input_path] if sidecar is None else [input_path, sidecar]
+
+
+def load_constraint(input_path: Path, backend: Backend) -> str | None:
+    """The checked grammar that the outputs of `input_path` must match, or None."""
+    sidecar = sidecar_of(input_path)
+    if sidecar is None:
+        return None
+    try:
+        data, _ = read_regular(sidecar, MAX_SIDECAR_BYTES)
+    except OSError as error:
+        raise ConstraintError(f"cannot read {shown(sidecar)}: {error.strerror or error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConstraintError(f"{shown(sidecar)} is not UTF-8 text (bad byte at offset {error.start}); "
+                              "save it as UTF-8") from None
+    if sidecar.name.endswith(ConstraintKind.SCHEMA.value):
+        return grammar_from_schema(parse_schema(text, shown(sidecar)), shown(sidecar), backend)
+    return checked_grammar(text, shown(sidecar), backend)
+
+
+# ----- schemas and grammars --------------------------------------------------------------------
+
+
+def parse_schema(text: str, source: str) -> Any:
+    """The JSON value of a schema file (strict JSON: no NaN, no duplicate keys)."""
+    def refuse_constant(name: str) -> Any:
+        raise ConstraintError(f"{source} contains {name}, which is not JSON; remove it")
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ConstraintError(f"{source}: a key appears twice in one object ({keys}); give each once")
+        return dict(pairs)
+
+    try:
+        return json.loads(text, parse_constant=refuse_constant, object_pairs_hook=unique)
+    except RecursionError:
+        raise ConstraintError(f"{source} is nested too deeply to be a schema") from None
+    except ValueError as error:
+        raise ConstraintError(f"{source} is not valid JSON ({error}); fix the schema") from None
+
+
+def grammar_from_schema(schema: Any, source: str, backend: Backend) -> str:
+    """The checked GBNF of a JSON schema (an object, or `true` for any JSON value)."""
+    if schema is True:
+        schema = {}
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"{source}: a JSON schema is an object (e.g. {{\"type\": \"object\", "
+                              f"\"properties\": {{...}}}}), not {type(schema).__name__}")
+    _check_schema_bounds(schema, source)
+    try:
+        grammar = json_schema_to_gbnf(json.dumps(schema))
+    except RecursionError:
+        raise ConstraintError(f"{source}: the schema refers to itself too deeply to become a grammar") from None
+    except Exception as error:  # the converter signals what it cannot do with assert, KeyError, ...
+        reason = str(error) or type(error).__name__
+        raise ConstraintError(f"{source}: llama-cpp-python cannot turn this JSON schema into a grammar "
+                              f"({reason}); simplify the schema or write a .gbnf grammar instead") from None
+    return checked_grammar(grammar, source, backend)
+
+
+def checked_grammar(grammar: str, source: str, backend: Backend) -> str:
+    """`grammar` if the backend can constrain outputs with it; ConstraintError otherwise."""
+    if not grammar.strip():
+        raise ConstraintError(f"{source} is empty; write a GBNF grammar with a rule named root")
+    if len(grammar.encode("utf-8")) > MAX_GRAMMAR_BYTES:
+        raise ConstraintError(f"{source}: the grammar has more than {MAX_GRAMMAR_BYTES} bytes; simplify it")
+    if "\0" in grammar:
+        raise ConstraintError(f"{source} contains a NUL character; a grammar is text")
+    backend.check_grammar(grammar, source)
+    return grammar
+
+
+def _walk(schema: Any) -> Iterator[tuple[str, Any, int]]:
+    """(key, value, depth) of every member of every object in the schema."""
+    stack: list[tuple[Any, int]] = [(schema, 0)]
+    while stack:
+        node, depth = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            yield str(key), value, depth
+            stack.append((value, depth + 1))
+
+
+def _check_schema_bounds(schema: dict[str, Any], source: str) -> None:
+    for key, value, depth in _walk(schema):
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ConstraintError(f"{source}: the schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        if key == "$ref" and not (isinstance(value, str) and value.startswith("#")):
+            raise ConstraintError(f"{source}: \"$ref\": {value!r} points outside the schema; only local "
+                                  "references (\"#/...\") are followed, nothing is fetched")
+        if key in _REPETITION_KEYS and isinstance(value, int) and value > MAX_REPETITION:
+            raise ConstraintError(f"{source}: \"{key}\": {value} is more than {MAX_REPETITION}; a grammar "
+                                  "spells every repetition out, so lower it")
+        if key == "pattern" and isinstance(value, str):
+            counts = [int(n) for match in _PATTERN_COUNT.finditer(value) for n in match.groups() if n]
+            if any(n > MAX_REPETITION for n in counts):
+                raise ConstraintError(f"{source}: the pattern {value!r} repeats more than {MAX_REPETITION} "
+                                      "times; lower the count")
+
+
+def constraint_from_request(json_schema: dict[str, Any] | None, grammar: str | None, backend: Backend) -> str | None:
+    """The checked grammar of a REPL request's `json_schema` or `grammar` argument, or None."""
+    if json_schema is not None:
+        return grammar_from_schema(json_schema, "json_schema", backend)
+    if grammar is not None:
+        return checked_grammar(grammar, "grammar", backend)
+    return None

@@ -1,0 +1,104 @@
+"""`promote DRAFT K`: the seed's step 3 as a command. A finished prelude is the draft, the
+answer the user chose (output K, perhaps edited) and the opening of the next user turn, so
+that the answer becomes a few-shot example the model finds natural.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cached_prompts.method.chat_format import ChatFormatKind, detect
+from cached_prompts.errors import InputFileError
+from cached_prompts.workspace.layout import DRAFTS, DRAFTS_OUTPUTS, PRELUDE_SEPARATOR, PRELUDES, Workspace, read_input_text, write_output
+
+log = logging.getLogger(__name__)
+
+SHOWN_NAMES = 10
+
+
+@dataclass(frozen=True)
+class Promoted:
+    path: Path
+    chat_format: ChatFormatKind | None  # None: --next-turn gave the opening
+    next_turn: str
+
+
+def promote(workspace: Workspace, draft: str, k: int, *, name: str | None = None, force: bool = False,
+            next_turn: str | None = None) -> Promoted:
+    """Write preludes/NAME.txt = draft + output K + the next user turn's opening."""
+    draft_path = _draft_path(workspace, draft)
+    if k < 0:
+        raise InputFileError(f"K = {k}: output numbers start at 0")
+    output_path = workspace.draft_output(draft_path, k)
+    if not output_path.is_file():
+        raise InputFileError(_missing_output(workspace, draft_path, output_path, k))
+    target = workspace.folder(PRELUDES) / f"{_prelude_name(name if name is not None else draft_path.stem)}.txt"
+    _check_target(target, force)
+    draft_text, answer = read_input_text(draft_path), read_input_text(output_path)
+    if output_path.stat().st_mtime_ns < draft_path.stat().st_mtime_ns:
+        log.warning("%s/%s is older than the draft: it answers an earlier version of it",
+                    DRAFTS_OUTPUTS, output_path.name)
+    chat = detect(draft_text)
+    if next_turn is None:
+        if chat is None:
+            raise InputFileError(f"{DRAFTS}/{draft_path.name} has no turn markers of a known chat format "
+                                 "(ChatML, Llama 3, Gemma, Mistral, or lines 'user'/'bot'); give the "
+                                 "opening of the next user turn with --next-turn TEXT")
+        next_turn = chat.next_turn
+        if chat.kind == ChatFormatKind.PLAIN and answer.endswith("\n"):
+            next_turn = next_turn.removeprefix("\n")  # the answer already ends its line
+    write_output(target, draft_text + answer + next_turn)
+    return Promoted(target, chat.kind if chat else None, next_turn)
+
+
+def _draft_path(workspace: Workspace, draft: str) -> Path:
+    """prelude_drafts/NAME.txt from NAME, NAME.txt or prelude_drafts/NAME.txt."""
+    stem = Path(draft).name.removesuffix(".txt")
+    path = workspace.folder(DRAFTS) / f"{stem}.txt"
+    if not stem or not path.is_file():
+        drafts = [p.stem for p in workspace.drafts()]
+        known = ", ".join(drafts[:SHOWN_NAMES]) + (", ..." if len(drafts) > SHOWN_NAMES else "")
+        raise InputFileError(f"there is no draft {DRAFTS}/{stem}.txt; "
+                             + (f"the drafts are: {known}" if drafts else f"{DRAFTS}/ has no drafts"))
+    return path
+
+
+def _missing_output(workspace: Workspace, draft: Path, output: Path, k: int) -> str:
+    existing = [p.name for p in workspace.existing_outputs(DRAFTS_OUTPUTS, draft)]
+    have = f"it has {', '.join(existing)}" if existing else "it has none yet"
+    return (f"{DRAFTS_OUTPUTS}/{output.name} does not exist ({have}); run outputs-for-drafts "
+            f"(-n {k + 1} or more) first")
+
+
+def _prelude_name(name: str) -> str:
+    """A prelude name that test prompts can refer to, or InputFileError."""
+    name = name.removesuffix(".txt")
+    problem = None
+    if not name.strip() or name in (".", ".."):
+        problem = "is empty or names a folder"
+    elif name.startswith("."):
+        problem = "starts with '.' (hidden files are not preludes)"
+    elif any(c in "/\\" or ord(c) < 32 for c in name):
+        problem = "contains '/', '\\' or a control character"
+    elif PRELUDE_SEPARATOR in name:
+        problem = (f"contains '{PRELUDE_SEPARATOR}', which separates a test prompt's prelude from its id, "
+                   "so no test prompt could use it")
+    if problem:
+        raise InputFileError(f"the prelude name {name!r} {problem}; choose another with --as NAME")
+    return name
+
+
+def _check_target(target: Path, force: bool) -> None:
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise InputFileError(f"{PRELUDES}/{target.name} is a folder; remove it or choose another name with --as")
+    if not force:
+        raise InputFileError(f"{PRELUDES}/{target.name} already exists; pass -f to overwrite it, or "
+                             "choose another name with --as NAME")

@@ -1,0 +1,96 @@
+"""The package's layers: no import runs up a layer or across to a peer, and no module imports
+itself through others (no circles). The layer table is the one in `cached_prompts/__init__.py`."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import cached_prompts
+
+PACKAGE = Path(cached_prompts.__file__).parent
+# From the ground up; packages on one rank are peers that must not import each other.
+RANKS = {
+    "errors": 0, "version": 0, "options": 1, "fs": 2, "backend": 3, "cache": 4,
+    "local": 5, "server": 5, "workspace": 6, "method": 7, "commands": 8,
+    "repl": 9, "report": 9, "cli": 10,
+}
+FACE = {"cached_prompts", "cached_prompts.__main__"}  # the library face may name any layer
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every cached_prompts module `path` imports, at module level or inside a function."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith("cached_prompts"):
+                found.add(node.module)
+                # `from cached_prompts.fs import locks` imports the module cached_prompts.fs.locks
+                found.update(f"{node.module}.{alias.name}" for alias in node.names
+                             if (PACKAGE.parent / f"{node.module}.{alias.name}".replace(".", "/")).with_suffix(".py").exists())
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import; write `from cached_prompts.… import`")
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("cached_prompts"))
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(path): imports_of(path) for path in PACKAGE.rglob("*.py")}
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_every_package_has_a_rank() -> None:
+    packages = {layer(module) for module in graph() if module not in FACE}
+    assert packages == set(RANKS), f"rank the new package(s) {packages - set(RANKS)} in RANKS and __init__.py"
+
+
+def test_no_import_runs_up_a_layer_or_across_to_a_peer() -> None:
+    wrong = []
+    for module, targets in graph().items():
+        if module in FACE:
+            continue
+        for target in targets:
+            if target == "cached_prompts":
+                wrong.append(f"{module} imports the package face; import the defining module")
+                continue
+            here, there = layer(module), layer(target)
+            if here != there and RANKS[there] >= RANKS[here]:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "imports against the layers:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_circles() -> None:
+    imports = graph()
+    edges = {module: targets & set(imports) for module, targets in imports.items()}
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == 1:
+                circles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(edges):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def test_the_checks_see_a_wrong_import(tmp_path: Path) -> None:
+    """The parser finds function-level imports, so a lazy import cannot hide a wrong arrow."""
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from cached_prompts.cli.main import main\n", encoding="utf-8")
+    assert imports_of(source) == {"cached_prompts.cli.main"}
