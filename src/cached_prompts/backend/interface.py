@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (done, total) tokens of a prefill
 StepCallback = Callable[[int], None]  # tokens generated since the last call
+# (job index, seed index within the job, new text): an output's text as it is decoded; the
+# pieces add up to the completion's text (a backend that cannot stream sends it whole).
+TextCallback = Callable[[int, int, str], None]
 SOURCES_KEPT = 1000
 
 
@@ -225,8 +228,9 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, request: GenerationRequest, *, on_prefill: ProgressCallback | None = None,
-                 on_step: StepCallback | None = None) -> list[list[Completion]]:
-        """For each job, one completion per seed, in order."""
+                 on_step: StepCallback | None = None, on_text: TextCallback | None = None) -> list[list[Completion]]:
+        """For each job, one completion per seed, in order; `on_text` hears their text as it
+        is made (see TextCallback)."""
 
     # ----- named preludes (the REPL's prelude_id) ---------------------------------------
 

@@ -19,12 +19,13 @@ from typing import Any
 import llama_cpp
 
 from cached_prompts.backend.interface import (Backend, BackendKind, Completion, Counters, GenerationRequest, PreludeKind,
-                      PreludeLoad, ProgressCallback, StepCallback, StoredPrelude, reusable_length)
+                      PreludeLoad, ProgressCallback, StepCallback, StoredPrelude, TextCallback,
+                      reusable_length)
 from cached_prompts.cache.store import CacheStore, meta_file
 from cached_prompts.local.engine import (Context, Model, SamplerChain, check_context_limits, init_backend,
                                          resolve_repack, state_settings)
 from cached_prompts.errors import ConstraintError, StateUnusableError
-from cached_prompts.local.generation import Branch, generate_branches
+from cached_prompts.local.generation import Branch, BranchText, generate_branches
 from cached_prompts.local.model_file import fingerprint_model, resolve_model_path
 from cached_prompts.options import EngineOptions
 from cached_prompts.local.prelude_state import PRELUDE_SEQ, PreludeStates
@@ -137,7 +138,7 @@ class LocalBackend(Backend):
     # ----- outputs ------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, *, on_prefill: ProgressCallback | None = None,
-                 on_step: StepCallback | None = None) -> list[list[Completion]]:
+                 on_step: StepCallback | None = None, on_text: TextCallback | None = None) -> list[list[Completion]]:
         """Greedy outputs are decoded alone; the sampled outputs of all jobs are decoded
         together, in waves that fit the sequences and the free KV cells."""
         prelude, jobs = request.prelude, request.jobs
@@ -151,9 +152,12 @@ class LocalBackend(Backend):
         for index, job in enumerate(jobs):
             self.counters.prompt_tokens += len(job.full) - self._reused(prelude, job.full)
             if None in job.seeds:
-                outputs[index][None] = self._run_checked_wave(request, [(index, [None])], budgets, counting)[0][0]
+                wave = [(index, [None])]
+                outputs[index][None] = self._run_checked_wave(request, wave, budgets, counting,
+                                                              _wave_text(request, wave, on_text))[0][0]
         for wave in self._plan_waves(request, budgets):
-            for (index, _), completions in zip(wave, self._run_checked_wave(request, wave, budgets, counting)):
+            completed = self._run_checked_wave(request, wave, budgets, counting, _wave_text(request, wave, on_text))
+            for (index, _), completions in zip(wave, completed):
                 outputs[index].update((c.seed, c) for c in completions)
         return [[outputs[i][seed] for seed in job.seeds] for i, job in enumerate(jobs)]
 
@@ -187,19 +191,19 @@ class LocalBackend(Backend):
         return waves
 
     def _run_checked_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int],
-                          on_step: StepCallback) -> list[list[Completion]]:
+                          on_step: StepCallback, on_text: BranchText | None) -> list[list[Completion]]:
         """A wave; if the prelude state in memory cannot give a branch what it needs (see
         Context.seq_copy), it is dropped and loaded again (restored or computed) once."""
         try:
-            return self._run_wave(request, wave, budgets, on_step)
+            return self._run_wave(request, wave, budgets, on_step, on_text)
         except StateUnusableError as error:
             log.info("%s: the prelude state in memory cannot be used (%s); loading it again", request.label, error)
             self.states.unload()
             self.prepare_prelude(request.prelude, request.label, kind=request.kind, store=request.store)
-            return self._run_wave(request, wave, budgets, on_step)
+            return self._run_wave(request, wave, budgets, on_step, on_text)
 
     def _run_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int],
-                  on_step: StepCallback) -> list[list[Completion]]:
+                  on_step: StepCallback, on_text: BranchText | None) -> list[list[Completion]]:
         self.states.clear_outputs()
         prelude = request.prelude
         fulls = [request.jobs[index].full for index, _ in wave]
@@ -216,7 +220,7 @@ class LocalBackend(Backend):
 
         try:
             return generate_branches(self.context, self.model, branches, request.sampling, decode_tail,
-                                     first_seq=PRELUDE_SEQ + 1, on_step=on_step)
+                                     first_seq=PRELUDE_SEQ + 1, on_step=on_step, on_text=on_text)
         finally:
             self.states.clear_outputs()
 
@@ -226,3 +230,17 @@ class LocalBackend(Backend):
             if on_step is not None:
                 on_step(n)
         return count
+
+
+def _wave_text(request: GenerationRequest, wave: Wave, on_text: TextCallback | None) -> BranchText | None:
+    """A wave's text callback (branch, k) in terms of the request: (job, seed index). A seed
+    that a job lists twice has one output, shown under each of its places."""
+    if on_text is None:
+        return None
+
+    def text(branch: int, k: int, piece: str) -> None:
+        job, seeds = wave[branch]
+        listed = request.jobs[job].seeds
+        for seed_index in (i for i, seed in enumerate(listed) if seed == seeds[k]):
+            on_text(job, seed_index, piece)
+    return text

@@ -21,6 +21,7 @@ from cached_prompts.local.engine import Context, Model, SamplerChain
 from cached_prompts.options import SamplingOptions
 
 TailDecoder = Callable[[int, int], None]  # (branch index, sequence) -> decode that branch's prompt
+BranchText = Callable[[int, int, str], None]  # (branch index, output k of the branch, new text)
 
 
 class TextCollector:
@@ -33,6 +34,7 @@ class TextCollector:
         self._longest_stop = max((len(s) for s in self._stops), default=0)
         self.text = ""
         self.stopped = False
+        self.shown = 0  # how much of `text` was handed out while streaming (take_new)
 
     def add(self, piece: bytes) -> bool:
         """Append a token's bytes; True once a stop string has been seen."""
@@ -44,6 +46,13 @@ class TextCollector:
         if not self.stopped:
             self._append(self._decoder.decode(b"", final=True))
         return self.text
+
+    def take_new(self, final: bool = False) -> str:
+        """Text added since the last call that no stop string can still cut off: while not
+        final, the last len(longest stop) - 1 characters are held back."""
+        end = len(self.text) if final or self.stopped else max(self.shown, len(self.text) - self._longest_stop + 1)
+        new, self.shown = self.text[self.shown:end], end
+        return new
 
     def _append(self, new: str) -> bool:
         if not new:
@@ -93,23 +102,51 @@ class _Output:
 
 
 def generate_branches(context: Context, model: Model, branches: Sequence[Branch], sampling: SamplingOptions,
-                      decode_tail: TailDecoder, *, first_seq: int = 0,
-                      on_step: StepCallback | None = None) -> list[list[Completion]]:
+                      decode_tail: TailDecoder, *, first_seq: int = 0, on_step: StepCallback | None = None,
+                      on_text: BranchText | None = None) -> list[list[Completion]]:
     """Completions per branch, per seed. Sequences are numbered from `first_seq` in branch
-    order; `decode_tail(b, seq)` must leave branch b's tail in `seq` and its logits at row -1."""
+    order; `decode_tail(b, seq)` must leave branch b's tail in `seq` and its logits at row -1.
+    `on_text(b, k, text)` hears each output's text as it is decoded (the pieces add up to
+    the completion's text)."""
     outputs: list[_Output] = []
     live: list[_Output] = []
+    streamer = _Streamer(branches, on_text) if on_text is not None else None
+    step = on_step if streamer is None else streamer.step_hook(outputs, on_step)
     try:
         for index, branch in enumerate(branches):
             first = first_seq + len(outputs)
             decode_tail(index, first)
-            live += _start_branch(context, model, branch, sampling, first, outputs, on_step)
-        _decode_loop(context, model, live, on_step)
+            live += _start_branch(context, model, branch, sampling, first, outputs, step)
+        _decode_loop(context, model, live, step)
     finally:
         for output in outputs:
             output.chain.close()
-    completions = iter([Completion(o.collector.finish(), o.count, o.seed) for o in outputs])
-    return [[next(completions) for _ in branch.seeds] for branch in branches]
+    completions = [Completion(o.collector.finish(), o.count, o.seed) for o in outputs]
+    if streamer is not None:
+        streamer.flush(outputs, final=True)
+    ordered = iter(completions)
+    return [[next(ordered) for _ in branch.seeds] for branch in branches]
+
+
+class _Streamer:
+    """Hands each output's new text to `on_text` after every decode step."""
+
+    def __init__(self, branches: Sequence[Branch], on_text: BranchText) -> None:
+        self._on_text = on_text
+        self._where = [(b, k) for b, branch in enumerate(branches) for k in range(len(branch.seeds))]
+
+    def step_hook(self, outputs: list[_Output], on_step: StepCallback | None) -> StepCallback:
+        def step(taken: int) -> None:
+            self.flush(outputs, final=False)
+            if on_step is not None:
+                on_step(taken)
+        return step
+
+    def flush(self, outputs: list[_Output], *, final: bool) -> None:
+        for number, output in enumerate(outputs):
+            new = output.collector.take_new(final)
+            if new:
+                self._on_text(*self._where[number], new)
 
 
 def _start_branch(context: Context, model: Model, branch: Branch, sampling: SamplingOptions, first: int,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cached_prompts.backend.interface import (Backend, BackendKind, Completion, Counters, GenerationRequest, PreludeKind, PreludeLoad,
-                      PreludeSource, ProgressCallback, StepCallback, StoredPrelude)
+                      PreludeSource, ProgressCallback, StepCallback, StoredPrelude, TextCallback)
 from cached_prompts.errors import IncompleteOutputsError, ServerDownError, ServerError
 from cached_prompts.options import SamplingOptions, ServerOptions
 from cached_prompts.server.api import Generated, ServerClient, sampling_fields
@@ -275,8 +275,9 @@ class ServerBackend(Backend):
     # ----- outputs -------------------------------------------------------------------------------
 
     def generate(self, request: GenerationRequest, *, on_prefill: ProgressCallback | None = None,
-                 on_step: StepCallback | None = None) -> list[list[Completion]]:
-        """All parts of all jobs at once: each server decodes as many as it has slots."""
+                 on_step: StepCallback | None = None, on_text: TextCallback | None = None) -> list[list[Completion]]:
+        """All parts of all jobs at once: each server decodes as many as it has slots; each
+        answer's text goes to `on_text` whole, when it is complete."""
         for job in request.jobs:
             self.check_fits(request.prelude, job.full)
         ranking = self.pool.ranking(tokens_digest(request.prelude))
@@ -284,7 +285,8 @@ class ServerBackend(Backend):
         loads = _Loads(copies=len(parts))
         failures: dict[int, str] = {}
         with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(parts))) as workers:
-            futures = [workers.submit(self._run_part, request, part, ranking, loads, on_step) for part in parts]
+            futures = [workers.submit(self._run_part, request, part, ranking, loads, on_step, on_text)
+                       for part in parts]
             first_error: BaseException | None = None
             for part, future in zip(parts, futures):
                 try:
@@ -307,7 +309,7 @@ class ServerBackend(Backend):
         return completed  # type: ignore[return-value]
 
     def _run_part(self, request: GenerationRequest, part: _Part, ranking: list[ServerState],
-                  loads: "_Loads", on_step: StepCallback | None) -> None:
+                  loads: "_Loads", on_step: StepCallback | None, on_text: TextCallback | None) -> None:
         job = request.jobs[part.job]
         budget = self.answer_budget(job.full, request.sampling, request.label)
         sampling = request.sampling.as_greedy() if part.greedy else request.sampling
@@ -325,6 +327,7 @@ class ServerBackend(Backend):
                 return generated
             generated = self._on_a_server(ranking, wanted, call, what=f"{request.label}: {wanted} outputs")
             first = None if part.greedy else part.first_seed + part.offset + len(part.done)
+            already = len(part.done)
             for j, (text, tokens) in enumerate(zip(generated.texts, generated.tokens)):
                 part.done.append(Completion(text, tokens, None if first is None else first + j))
             loads.count(generated)
@@ -333,6 +336,9 @@ class ServerBackend(Backend):
                 self.counters.server_cached_tokens += generated.cached_tokens or 0
                 if on_step is not None:
                     on_step(sum(generated.tokens))
+                for j, text in enumerate(generated.texts):
+                    if on_text is not None and text:
+                        on_text(part.job, part.positions[already + j], text)
 
     def _on_a_server(self, ranking: list[ServerState], wanted: int, call: Any, *, what: str = "tokenizing") -> Any:
         """`call(server, outputs granted)` on the first server of `ranking` that is up and has
