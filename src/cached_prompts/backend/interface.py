@@ -94,6 +94,19 @@ class Counters:
         return {k: v for k, v in vars(self).items() if k != "sources"}
 
 
+class StopReason(str, enum.Enum):
+    """Why an answer ended; kept in each output's record (the `finished` expectation reads it)."""
+
+    END_TOKEN = "end-token"  # the model's end-of-generation token
+    STOP_STRING = "stop-string"  # one of --stop's strings
+    MAX_TOKENS = "max-tokens"  # cut: --max-tokens, or the context ran out
+
+    @property
+    def finished(self) -> bool:
+        """The answer ended on its own, not cut by the token budget."""
+        return self is not StopReason.MAX_TOKENS
+
+
 @dataclass
 class Completion:
     """One generated answer."""
@@ -101,6 +114,7 @@ class Completion:
     text: str
     tokens: int  # generated tokens (stop strings and the end token included, as decoded)
     seed: int | None  # None: greedy
+    stop_reason: StopReason | None = None  # None: the backend did not say
 
 
 @dataclass

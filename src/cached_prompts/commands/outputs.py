@@ -276,7 +276,7 @@ class _Made:
                             seed=completion.seed, created=utc_now(), run_id=self.run_id,
                             generated_tokens=completion.tokens, seconds=round(self.seconds, 3),
                             prelude_tokens=self.prelude_tokens, prompt_tokens=self.prompt_tokens,
-                            n_ctx=self.backend.n_ctx)
+                            n_ctx=self.backend.n_ctx, stop_reason=completion.stop_reason)
 
 
 def _write_outputs(item: _Input, completions: list[Completion], made: _Made, report: RunReport) -> None:

@@ -16,7 +16,7 @@ import codecs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cached_prompts.backend.interface import Completion, StepCallback
+from cached_prompts.backend.interface import Completion, StepCallback, StopReason
 from cached_prompts.local.engine import Context, Model, SamplerChain
 from cached_prompts.options import SamplingOptions
 
@@ -82,17 +82,19 @@ class Branch:
 class _Output:
     """One sequence being generated; `token` is the last sampled one, decoded next."""
 
-    __slots__ = ("seq", "seed", "chain", "collector", "position", "left", "token", "count")
+    __slots__ = ("seq", "seed", "chain", "collector", "position", "left", "token", "count", "stop_reason")
 
     def __init__(self, seq: int, seed: int | None, chain: SamplerChain, collector: TextCollector,
                  position: int, budget: int) -> None:
         self.seq, self.seed, self.chain, self.collector = seq, seed, chain, collector
         self.position, self.left, self.token, self.count = position, budget, -1, 0
+        self.stop_reason = StopReason.MAX_TOKENS  # unless the end token or a stop string comes first
 
     def take(self, token: int, model: Model) -> bool:
         """Record a sampled token; True if it is part of the text (then `left` says
         whether it is to be decoded for another one)."""
         if model.is_end(token) or self.collector.add(model.piece(token)):
+            self.stop_reason = StopReason.END_TOKEN if model.is_end(token) else StopReason.STOP_STRING
             self.left = 0
             return False
         self.left -= 1
@@ -121,7 +123,7 @@ def generate_branches(context: Context, model: Model, branches: Sequence[Branch]
     finally:
         for output in outputs:
             output.chain.close()
-    completions = [Completion(o.collector.finish(), o.count, o.seed) for o in outputs]
+    completions = [Completion(o.collector.finish(), o.count, o.seed, o.stop_reason) for o in outputs]
     if streamer is not None:
         streamer.flush(outputs, final=True)
     ordered = iter(completions)

@@ -17,13 +17,13 @@ the server's own message.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 import httpx
 
-from cached_prompts.backend.interface import BackendKind
+from cached_prompts.backend.interface import BackendKind, StopReason
 from cached_prompts.errors import ContextOverflowError, ServerDownError, ServerError
 from cached_prompts.options import SamplingOptions, ServerApiName
 
@@ -55,6 +55,7 @@ class Generated:
     prompt_tokens: int
     cached_tokens: int | None  # prompt tokens the server took from its cache; None: not reported
     slot: int | None  # llama-server's slot that evaluated the prompt
+    stop_reasons: list[StopReason | None] = field(default_factory=list)  # per text; None: not said
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ class ServerClient:
                          tokens=[int(r.get("tokens_predicted", 0)) for r in results],
                          prompt_tokens=int(first.get("tokens_evaluated", 0)),
                          cached_tokens=cached if isinstance(cached, int) else None,
-                         slot=first.get("id_slot") if isinstance(first.get("id_slot"), int) else None)
+                         slot=first.get("id_slot") if isinstance(first.get("id_slot"), int) else None,
+                         stop_reasons=[_llama_stop_reason(r) for r in results])
 
     def _openai_completion(self, answer: Any, n: int, model_id: str) -> Generated:
         choices = answer.get("choices") if isinstance(answer, dict) else None
@@ -205,7 +207,8 @@ class ServerClient:
                       for t in texts]
         return Generated(texts=texts, tokens=tokens,
                          prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                         cached_tokens=cached if isinstance(cached, int) else None, slot=None)
+                         cached_tokens=cached if isinstance(cached, int) else None, slot=None,
+                         stop_reasons=[_openai_stop_reason(c) for c in choices])
 
     # ----- slots (llama-server) ------------------------------------------------------------------
 
@@ -304,6 +307,32 @@ def _error_message(response: httpx.Response) -> tuple[str, str, dict[str, Any]]:
         return str(error)[:MAX_ERROR_CHARS], "", {}
     message = error.get("message", error.get("detail", body))
     return str(message)[:MAX_ERROR_CHARS], str(error.get("type", "")), error
+
+
+_LLAMA_STOP_TYPES = {"eos": StopReason.END_TOKEN, "word": StopReason.STOP_STRING, "limit": StopReason.MAX_TOKENS}
+
+
+def _llama_stop_reason(result: dict[str, Any]) -> StopReason | None:
+    """llama-server's `stop_type` ("eos", "word", "limit"), or its older flags `stopped_*`."""
+    known = _LLAMA_STOP_TYPES.get(result.get("stop_type"))  # type: ignore[arg-type]
+    if known is not None:
+        return known
+    for flag, reason in (("stopped_eos", StopReason.END_TOKEN), ("stopped_word", StopReason.STOP_STRING),
+                         ("stopped_limit", StopReason.MAX_TOKENS)):
+        if result.get(flag) is True:
+            return reason
+    return None
+
+
+def _openai_stop_reason(choice: dict[str, Any]) -> StopReason | None:
+    """`finish_reason` "length" is a cut answer; "stop" is the end token, or a stop string
+    where the server names it in `stop_reason` (vLLM: the string or token id, null for EOS)."""
+    finish = choice.get("finish_reason")
+    if finish == "length":
+        return StopReason.MAX_TOKENS
+    if finish == "stop":
+        return StopReason.STOP_STRING if isinstance(choice.get("stop_reason"), str) else StopReason.END_TOKEN
+    return None
 
 
 def _describe_transport(error: httpx.TransportError) -> str:

@@ -328,8 +328,9 @@ class ServerBackend(Backend):
             generated = self._on_a_server(ranking, wanted, call, what=f"{request.label}: {wanted} outputs")
             first = None if part.greedy else part.first_seed + part.offset + len(part.done)
             already = len(part.done)
-            for j, (text, tokens) in enumerate(zip(generated.texts, generated.tokens)):
-                part.done.append(Completion(text, tokens, None if first is None else first + j))
+            reasons = generated.stop_reasons or [None] * len(generated.texts)
+            for j, (text, tokens, reason) in enumerate(zip(generated.texts, generated.tokens, reasons)):
+                part.done.append(Completion(text, tokens, None if first is None else first + j, reason))
             loads.count(generated)
             with self._lock:
                 self.counters.generated_tokens += sum(generated.tokens)

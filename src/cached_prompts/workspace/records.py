@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cached_prompts.backend.interface import StopReason
 from cached_prompts.fs.files import atomic_write_text
 
 from cached_prompts.fs.regular import read_regular
@@ -49,6 +50,7 @@ class OutputRecord:
     prompt_tokens: int
     n_ctx: int
     output_sha256: str = ""  # of the output's bytes; filled by write_records
+    stop_reason: StopReason | None = None  # how the answer ended; None: not known (older records)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -60,7 +62,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_id": (str,), "backend": (str,), "sampling": (dict,),
     "seed": (int, type(None)), "created": (str,), "run_id": (str,), "generated_tokens": (int,),
     "seconds": (int, float), "prelude_tokens": (int,), "prompt_tokens": (int,), "n_ctx": (int,),
-    "output_sha256": (str,),
+    "output_sha256": (str,), "stop_reason": (str, type(None)),
 }
 _OPTIONAL = {field.name for field in dataclasses.fields(OutputRecord)
              if field.default is not dataclasses.MISSING}
@@ -139,4 +141,9 @@ def parse_record(data: bytes) -> OutputRecord | None:
         fields[name] = value
     if not math.isfinite(fields["seconds"]) or fields["seconds"] < 0 or fields["generated_tokens"] < 0:
         return None
+    if fields.get("stop_reason") is not None:
+        try:
+            fields["stop_reason"] = StopReason(fields["stop_reason"])
+        except ValueError:
+            return None
     return OutputRecord(**fields)
