@@ -88,7 +88,7 @@ def _common_parser() -> argparse.ArgumentParser:
     _add_option_flags(model_group, EngineOptions)
     sampling_group = common.add_argument_group("sampling (the REPL's inference_parameters use the same names)")
     _add_option_flags(sampling_group, SamplingOptions)
-    server_group = common.add_argument_group("servers (instead of the local engine; README, \"Servers\")")
+    server_group = common.add_argument_group("servers (instead of the local engine; docs/servers.md)")
     _add_option_flags(server_group, ServerOptions)
     return common
 

@@ -74,7 +74,7 @@ def resolve_gpu_layers(requested: int | None, *, warn: bool = True) -> int:
     if requested != 0 and not can_offload:
         if warn:
             log.warning("--lp-n-gpu-layers %d is ignored: this llama-cpp-python was built without GPU "
-                        "support or sees no GPU (see the README's GPU offload section)", requested)
+                        "support or sees no GPU (see docs/models-and-devices.md, \"GPU offload\")", requested)
         return 0
     return requested
 
