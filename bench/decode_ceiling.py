@@ -31,8 +31,7 @@ class DecodeCeiling:
         self.context = Context(model, options, n_seq_max=max_prompts * (outputs_per_prompt + 1) + 1)
         # Like our backend: the stored state is prelude[:-1]; the joint tokens may split its end.
         stored = prelude[:-1]
-        for start in range(0, len(stored), self.context.n_batch):
-            self.context.decode_sequence(stored[start:start + self.context.n_batch], start, 0)
+        self.context.prefill(stored, 0, len(stored), 0)
 
     def run(self, prompts: list[list[int]]) -> int:
         """`prompts`: the joint tokens (prelude + prompt) of each prompt."""

@@ -89,8 +89,32 @@ def test_no_import_circles() -> None:
     assert not circles, "import circles:\n" + "\n".join(circles)
 
 
+def llama_cpp_imports(path: Path) -> list[str]:
+    """The llama_cpp modules `path` imports (at module level or inside a function)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        found += [name for name in names if name == "llama_cpp" or name.startswith("llama_cpp.")]
+    return found
+
+
+def test_only_the_local_engine_imports_llama_cpp() -> None:
+    """Every raw llama.cpp call lives in local/ (the engine wrappers own the C handles)."""
+    wrong = [f"{module_name(path)} imports {', '.join(names)}" for path in sorted(PACKAGE.rglob("*.py"))
+             if (names := llama_cpp_imports(path)) and layer(module_name(path)) != "local"]
+    assert not wrong, "llama_cpp outside local/:\n" + "\n".join(wrong)
+
+
 def test_the_checks_see_a_wrong_import(tmp_path: Path) -> None:
     """The parser finds function-level imports, so a lazy import cannot hide a wrong arrow."""
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from cached_prompts.cli.main import main\n", encoding="utf-8")
     assert imports_of(source) == {"cached_prompts.cli.main"}
+    source.write_text("def f():\n    from llama_cpp.llama_grammar import json_schema_to_gbnf\n    import llama_cpp\n",
+                      encoding="utf-8")
+    assert llama_cpp_imports(source) == ["llama_cpp.llama_grammar", "llama_cpp"]

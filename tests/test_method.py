@@ -191,6 +191,10 @@ def scores_path_of(root: Path) -> Path:
 def test_scores_are_those_of_one_pass_over_the_whole_prelude(workspace: Path, make_runner) -> None:
     """From a cached state or computed, the numbers are those of decoding the prelude in one
     go on an empty context (the KV layout changes llama.cpp's sums noticeably)."""
+    import numpy as np
+
+    from cached_prompts.method.scoring import token_offsets
+
     path = workspace / "preludes" / "dictionary-long.txt"
     cached = make_runner(workspace / "llm_cache")
     first = score_prelude(cached, path, None)
@@ -198,20 +202,55 @@ def test_scores_are_those_of_one_pass_over_the_whole_prelude(workspace: Path, ma
     bare = make_runner(None)
     tokens = bare.prelude_tokens(path.read_text("utf-8"), "x")
     bare.context.decode_sequence(tokens, 0, 0, all_logits=True)  # the reference: one decode
-    import numpy as np
-    import llama_cpp
-
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(bare.context.handle),
-                                   shape=(len(tokens), bare.model.n_vocab)).astype(np.float64)
+    logits = bare.context.logits(len(tokens)).astype(np.float64)
     log_sum = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
-    from cached_prompts.method.scoring import token_offsets
-
-    offsets = token_offsets(bare.model, tokens, path.read_text("utf-8"))
+    offsets = token_offsets(bare.token_pieces(tokens), path.read_text("utf-8"))
     for answer, repeated in zip(first.answers, again.answers):
         ids = [i for i in range(1, len(tokens)) if answer.start <= offsets[i][0] < answer.end]
         reference = [logits[i - 1, tokens[i]] - log_sum[i - 1] for i in ids]
         assert answer.logprobs == repeated.logprobs
         assert answer.logprobs == pytest.approx(reference, abs=2e-3)
+
+
+def earlier_token_logprobs(backend: LocalBackend, tokens: list[int], first: int, end: int) -> list[float]:
+    """What score-preludes computed before Backend.token_logprobs existed (its code, on an
+    empty context): tokens[:first-1] decoded in n_batch chunks, then tokens[first-1:end-1]
+    with logits for every row, and the log-softmax taken in numpy."""
+    import llama_cpp
+    import numpy as np
+
+    context, n_vocab, start, last = backend.context, backend.model.n_vocab, first - 1, end - 1
+    backend.unload()
+    for chunk in range(0, start, context.n_batch):
+        context.decode_sequence(tokens[chunk:min(chunk + context.n_batch, start)], chunk, 0)
+    result = []
+    for chunk in range(start, last, context.n_batch):
+        rows = tokens[chunk:min(chunk + context.n_batch, last)]
+        context.decode_sequence(rows, chunk, 0, all_logits=True)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(context.handle), shape=(len(rows), n_vocab))
+        peak = logits.max(axis=1)
+        log_sum = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
+        chosen = logits[np.arange(len(rows)), np.array(tokens[chunk + 1:chunk + 1 + len(rows)])]
+        result += [float(value) for value in chosen - log_sum]
+    backend.unload()
+    return result
+
+
+def test_token_logprobs_give_the_numbers_scoring_gave_before(workspace: Path, make_runner) -> None:
+    """Backend.token_logprobs, from a computed and from a cached prelude state, with chunks
+    smaller than the prelude, is bitwise what score-preludes computed itself before."""
+    text = (workspace / "preludes" / "dictionary-long.txt").read_text("utf-8")
+    cached = make_runner(workspace / "llm_cache", n_batch=10)
+    tokens = cached.prelude_tokens(text, "x")
+    first, end = len(tokens) // 3, len(tokens) - 2
+    assert first > 2 * 10 and end - first > 2 * 10  # several chunks before and with logits
+    computed = cached.token_logprobs(tokens, first, end, "dictionary-long")
+    restored = cached.token_logprobs(tokens, first, end, "dictionary-long")
+    assert cached.counters.sources == ["computed", "cache"]
+    reference = earlier_token_logprobs(make_runner(None, n_batch=10), tokens, first, end)
+    assert len(computed) == end - first
+    assert computed == restored == reference
+    assert all(value < 0 for value in computed)
 
 
 def test_the_report_shows_the_scores_as_a_heat_map(cli, workspace: Path) -> None:

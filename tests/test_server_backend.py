@@ -87,6 +87,11 @@ def test_whole_workflow_against_one_server(cli, workspace: Path, llama_servers, 
     code, local_stats, _ = cli(workspace, "show-stats-on-tokens-number", "--json")
     assert json.loads(served_stats)["folders"] == json.loads(local_stats)["folders"]  # the server's tokenizer
 
+    code, out, err = cli(workspace, "score-preludes", *flags)  # servers give no prompt log-probabilities
+    assert code == 1 and out == "", err
+    assert "does not give the log-probability of every prompt token" in err and "without --server" in err
+    assert "Traceback" not in err
+
     # Outputs made by the server's model are stale for the local engine's model (by its file hash).
     code, _, err = cli(workspace, "outputs-test-prompts", "-n", "2", "--max-tokens", "2")
     assert code == 0 and "were made by the model" in err and "outputs: 6 written" in err

@@ -27,6 +27,11 @@ class StateUnusableError(EngineError):
     sliding-window cells); the caller drops it and recomputes."""
 
 
+class UnsupportedByBackendError(CachedPromptsError):
+    """The backend cannot do what was asked (servers do not return the log-probabilities of
+    prompt tokens); the message names what can."""
+
+
 class ContextOverflowError(CachedPromptsError):
     """A prelude or prompt does not fit into the context."""
 

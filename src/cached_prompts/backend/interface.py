@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cached_prompts.errors import ConstraintError, ContextOverflowError, InputFileError
+from cached_prompts.errors import ConstraintError, ContextOverflowError, InputFileError, UnsupportedByBackendError
 from cached_prompts.options import SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,24 @@ class Backend(ABC):
                  on_step: StepCallback | None = None, on_text: TextCallback | None = None) -> list[list[Completion]]:
         """For each job, one completion per seed, in order; `on_text` hears their text as it
         is made (see TextCallback)."""
+
+    # ----- log-probabilities of given tokens (score-preludes) ----------------------------
+
+    def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        """The bytes each of a prelude's tokens (`prelude_tokens`) spells; a piece may be part
+        of a UTF-8 character, and a BOS the tokenizer put in front spells nothing."""
+        raise self._no_logprobs()
+
+    def token_logprobs(self, tokens: list[int], first: int, end: int, label: str) -> list[float]:
+        """log P(tokens[i] | tokens[:i]) for first <= i < end (1 <= first < end <= len(tokens)),
+        where `tokens` is a prelude stored under `label`: its state may come from (and go to)
+        the cache. A backend that cannot tell raises UnsupportedByBackendError."""
+        raise self._no_logprobs()
+
+    def _no_logprobs(self) -> UnsupportedByBackendError:
+        return UnsupportedByBackendError(
+            f"the {self.kind.value} backend does not give the log-probability of every prompt token, "
+            "which scoring needs; run it with the local engine (without --server)")
 
     # ----- named preludes (the REPL's prelude_id) ---------------------------------------
 

@@ -94,11 +94,10 @@ def _common_parser() -> argparse.ArgumentParser:
 
 
 def version_text() -> str:
-    import llama_cpp
-
+    from cached_prompts.local.engine import LLAMA_CPP_VERSION
     from cached_prompts.version import __version__
 
-    return f"cached-prompts {__version__} (llama-cpp-python {llama_cpp.__version__})"
+    return f"cached-prompts {__version__} (llama-cpp-python {LLAMA_CPP_VERSION})"
 
 
 class _VersionAction(argparse.Action):

@@ -16,14 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-
 from cached_prompts.backend.interface import (Backend, BackendKind, Completion, Counters, GenerationRequest, PreludeKind,
                       PreludeLoad, ProgressCallback, StepCallback, StoredPrelude, TextCallback,
                       reusable_length)
 from cached_prompts.cache.store import CacheStore, meta_file
-from cached_prompts.local.engine import (Context, Model, SamplerChain, check_context_limits, init_backend,
-                                         resolve_repack, state_settings)
+from cached_prompts.local.engine import (LLAMA_CPP_VERSION, Context, Model, SamplerChain, check_context_limits,
+                                         init_backend, resolve_repack, state_settings)
 from cached_prompts.errors import ConstraintError, StateUnusableError
 from cached_prompts.local.generation import Branch, BranchText, generate_branches
 from cached_prompts.local.model_file import fingerprint_model, resolve_model_path
@@ -55,7 +53,7 @@ class LocalBackend(Backend):
         self.cache = (CacheStore(cache_dir, self.settings, str(model_path), max_bytes=options.cache_max_bytes)
                       if cache_dir else None)
         self.counters = Counters()
-        self.states = PreludeStates(self.context, self.cache, self.context.n_batch, self.counters)
+        self.states = PreludeStates(self.context, self.cache, self.counters)
         self._kept: dict[tuple[str, PreludeKind], tuple[list[int], str]] = {}  # -> (tokens, entry name)
 
     # ----- what it is -----------------------------------------------------------------------
@@ -74,7 +72,7 @@ class LocalBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.kind.value, "model_path": str(self.model.path), "model_sha256": self.model_id,
-                "context_length": self.n_ctx, "llama_cpp_python_version": llama_cpp.__version__,
+                "context_length": self.n_ctx, "llama_cpp_python_version": LLAMA_CPP_VERSION,
                 "architecture": self.model.architecture.name,
                 "memory": self.model.architecture.memory.value, "device": self.settings.device,
                 "cache_dir": str(self.cache.folder) if self.cache else None,
@@ -116,7 +114,7 @@ class LocalBackend(Backend):
 
     def check_grammar(self, grammar: str, source: str) -> None:
         try:
-            llama_cpp.llama_sampler_free(SamplerChain.grammar_sampler(self.model, grammar))
+            SamplerChain.check_grammar(self.model, grammar)
         except ConstraintError as error:
             raise ConstraintError(f"{source}: {error}") from None
 
@@ -134,6 +132,33 @@ class LocalBackend(Backend):
         for entry in dropped:
             self.cache.remove(entry)
         return len(dropped)
+
+    # ----- log-probabilities of given tokens (score-preludes) ------------------------------------
+
+    def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        added_bos = self.model.adds_bos and bool(tokens) and tokens[0] == self.model.bos
+        return [b"" if index == 0 and added_bos else self.model.piece(token) for index, token in enumerate(tokens)]
+
+    def token_logprobs(self, tokens: list[int], first: int, end: int, label: str) -> list[float]:
+        """The part before `first` comes from the prelude's state (cache, prefix or computed
+        and stored, as for a request), cut back to it, so the KV cells are laid out as in one
+        pass over the whole prelude: llama.cpp's sums, and so the numbers, depend on that
+        layout (measured: up to 0.4 nats on single tokens when other sequences' cells sit
+        beside them)."""
+        start, kept = first - 1, 0
+        try:
+            self.unload()
+            if start > 0:
+                self.prepare_prelude(tokens, label)
+                try:
+                    self.context.seq_trim(PRELUDE_SEQ, start)
+                    kept = start
+                except StateUnusableError:  # a recurrent state cannot be cut: decode it all
+                    self.unload()
+            self.context.prefill(tokens, kept, start, PRELUDE_SEQ)
+            return self.context.next_token_logprobs(tokens, first, end, PRELUDE_SEQ)
+        finally:
+            self.unload()  # sequence 0 no longer holds the prelude's state
 
     # ----- outputs ------------------------------------------------------------------------------
 
@@ -214,9 +239,7 @@ class LocalBackend(Backend):
             full = fulls[branch]
             reused = self._reused(prelude, full)
             self.context.seq_copy(PRELUDE_SEQ, seq, reused)
-            step = self.context.n_batch
-            for chunk_start in range(reused, len(full), step):
-                self.context.decode_sequence(full[chunk_start:chunk_start + step], chunk_start, seq)
+            self.context.prefill(full, reused, len(full), seq)
 
         try:
             return generate_branches(self.context, self.model, branches, request.sampling, decode_tail,

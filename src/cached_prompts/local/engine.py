@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from cached_prompts.cache.store import StateSettings
 from cached_prompts.local.architecture import Architecture, MemoryKind, check_causal, gguf_architecture, read_architecture
@@ -48,6 +49,7 @@ KV_LAYOUTS = {
 }
 MIROSTAT_M = 100
 MAX_CAPTURED_BYTES = 1 << 16
+LLAMA_CPP_VERSION: str = llama_cpp.__version__
 _state = {"backend": False, "verbose": False}
 
 
@@ -128,7 +130,7 @@ def state_settings(options: EngineOptions, model_sha256: str) -> StateSettings:
     """The cache key's settings of a state computed with `options` (the one place they are built)."""
     device, batching = compute_setup(options)
     weights = "repacked" if resolve_repack(options.repack) else "plain"
-    return StateSettings(model_sha256=model_sha256, kv_type=options.kv_type, llama_cpp_version=llama_cpp.__version__,
+    return StateSettings(model_sha256=model_sha256, kv_type=options.kv_type, llama_cpp_version=LLAMA_CPP_VERSION,
                          device=device, batching=batching, weights=weights)
 
 
@@ -199,6 +201,26 @@ class Model:
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
+    @property
+    def bos(self) -> int:
+        """The beginning-of-sequence token (-1 if the vocabulary has none)."""
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether tokenize(at_start=True) puts the BOS token in front of the text."""
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    def is_special(self, token: int) -> bool:
+        """Whether `token` is a control or user-defined token (a turn marker, not text)."""
+        special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        return bool(llama_cpp.llama_vocab_get_attr(self.vocab, token) & special)
+
+    def chat_template(self) -> str | None:
+        """The model's own chat template (GGUF `tokenizer.chat_template`), if it has one."""
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return template.decode("utf-8", errors="replace") if template else None
+
     def close(self) -> None:
         if self._model:
             llama_cpp.llama_model_free(self._model)
@@ -223,6 +245,59 @@ def check_context_limits(options: EngineOptions, n_seq_max: int) -> None:
     if options.n_ctx < n_seq_max:
         raise OptionsError(f"--lp-n-ctx {options.n_ctx} is too small for {n_seq_max} sequences decoded "
                            f"side by side; use --lp-n-ctx {n_seq_max} or more")
+
+
+class Batch:
+    """A llama_batch of up to `capacity` tokens with one sequence id each; freed on close()."""
+
+    def __init__(self, capacity: int) -> None:
+        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self._owned = True
+        self.capacity = capacity
+        self._ones = (ctypes.c_int32 * capacity)(*([1] * capacity))
+
+    @property
+    def handle(self) -> llama_cpp.llama_batch:
+        return self._batch
+
+    def set_sequence(self, tokens: Sequence[int], start: int, seq: int, *, all_logits: bool) -> None:
+        """Consecutive tokens of one sequence from position `start`; logits for the last one
+        (for every one with `all_logits`)."""
+        if len(tokens) > self.capacity:
+            raise EngineError(f"{len(tokens)} tokens exceed the batch size {self.capacity}")
+        batch = self._batch
+        last = len(tokens) - 1
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = all_logits or i == last
+        batch.n_tokens = len(tokens)
+
+    def set_step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int]) -> None:
+        """One token for each of several sequences; logits for all of them."""
+        batch = self._batch
+        count = len(tokens)
+        if count > self.capacity:
+            raise EngineError(f"{count} sequences exceed the batch size {self.capacity}")
+        # Whole-array copies: this runs once per generated token of every sequence.
+        ctypes.memmove(batch.token, (ctypes.c_int32 * count)(*tokens), 4 * count)
+        ctypes.memmove(batch.pos, (ctypes.c_int32 * count)(*positions), 4 * count)
+        ctypes.memmove(batch.n_seq_id, self._ones, 4 * count)
+        ctypes.memset(batch.logits, 1, count)
+        seq_id = batch.seq_id
+        for i, seq in enumerate(seqs):
+            seq_id[i][0] = seq
+        batch.n_tokens = count
+
+    def close(self) -> None:
+        if self._owned:
+            llama_cpp.llama_batch_free(self._batch)
+            self._owned = False
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class Context:
@@ -271,10 +346,7 @@ class Context:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         # llama.cpp lowers n_batch to n_ctx; chunks must fit what it took.
         self.n_batch = int(llama_cpp.llama_n_batch(self._ctx))
-        capacity = self.n_batch
-        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
-        self._batch_capacity = capacity
-        self._ones = (ctypes.c_int32 * capacity)(*([1] * capacity))
+        self._batch = Batch(self.n_batch)
 
     @property
     def handle(self) -> llama_cpp.llama_context_p:
@@ -335,39 +407,48 @@ class Context:
 
     def decode_sequence(self, tokens: Sequence[int], start: int, seq: int = 0, *, all_logits: bool = False) -> None:
         """Decode one sequence's tokens in one call; logits are kept for the last one (for
-        every one with `all_logits`: rows of `llama_get_logits`, in order)."""
-        if len(tokens) > self._batch_capacity:
-            raise EngineError(f"{len(tokens)} tokens exceed the batch size {self._batch_capacity}")
-        batch = self._batch
-        last = len(tokens) - 1
-        for i, token in enumerate(tokens):
-            batch.token[i] = token
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = all_logits or i == last
-        batch.n_tokens = len(tokens)
+        every one with `all_logits`: rows of `logits`, in order)."""
+        self._batch.set_sequence(tokens, start, seq, all_logits=all_logits)
         self._decode()
+
+    def prefill(self, tokens: Sequence[int], start: int, end: int, seq: int, *, all_logits: bool = False,
+                after_chunk: Callable[[int, int], None] | None = None) -> None:
+        """Decode tokens[start:end] into `seq` (which holds positions < start) in chunks of
+        n_batch; `after_chunk(chunk_start, chunk_end)` runs after each, while its logits are there."""
+        for chunk_start in range(start, end, self.n_batch):
+            chunk_end = min(chunk_start + self.n_batch, end)
+            self.decode_sequence(tokens[chunk_start:chunk_end], chunk_start, seq, all_logits=all_logits)
+            if after_chunk is not None:
+                after_chunk(chunk_start, chunk_end)
 
     def decode_step(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int]) -> None:
         """Decode one new token for each of several sequences; logits for all of them."""
-        batch = self._batch
-        count = len(tokens)
-        if count > self._batch_capacity:
-            raise EngineError(f"{count} sequences exceed the batch size {self._batch_capacity}")
-        # Whole-array copies: this runs once per generated token of every sequence.
-        ctypes.memmove(batch.token, (ctypes.c_int32 * count)(*tokens), 4 * count)
-        ctypes.memmove(batch.pos, (ctypes.c_int32 * count)(*positions), 4 * count)
-        ctypes.memmove(batch.n_seq_id, self._ones, 4 * count)
-        ctypes.memset(batch.logits, 1, count)
-        seq_id = batch.seq_id
-        for i, seq in enumerate(seqs):
-            seq_id[i][0] = seq
-        batch.n_tokens = count
+        self._batch.set_step(tokens, positions, seqs)
         self._decode()
 
+    def logits(self, rows: int) -> np.ndarray:
+        """The logits of the last decode's first `rows` output rows, (rows, n_vocab), a view
+        valid until the next decode."""
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(rows, self.model.n_vocab))
+
+    def next_token_logprobs(self, tokens: Sequence[int], first: int, end: int, seq: int) -> list[float]:
+        """log P(tokens[i] | tokens[:i]) for first <= i < end: tokens[first-1:end-1] decoded
+        into `seq` (which holds positions < first - 1) with logits for every row."""
+        result: list[float] = []
+
+        def read(chunk_start: int, chunk_end: int) -> None:
+            rows = chunk_end - chunk_start
+            logits = self.logits(rows)
+            peak = logits.max(axis=1)
+            log_sum = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
+            chosen = logits[np.arange(rows), np.array(tokens[chunk_start + 1:chunk_end + 1])]
+            result.extend(float(value) for value in chosen - log_sum)
+
+        self.prefill(tokens, first - 1, end - 1, seq, all_logits=True, after_chunk=read)
+        return result
+
     def _decode(self) -> None:
-        code = llama_cpp.llama_decode(self._ctx, self._batch)
+        code = llama_cpp.llama_decode(self._ctx, self._batch.handle)
         if code == 1:
             raise ContextOverflowError(
                 f"the context of {self.n_ctx} tokens is full; raise --lp-n-ctx or lower --max-tokens / -n")
@@ -397,7 +478,7 @@ class Context:
 
     def close(self) -> None:
         if self._ctx:
-            llama_cpp.llama_batch_free(self._batch)
+            self._batch.close()
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
 
@@ -473,6 +554,11 @@ class SamplerChain:
                                   "it must be GBNF with a rule named root and every rule it uses defined, "
                                   "not left-recursive")
         return sampler
+
+    @staticmethod
+    def check_grammar(model: Model, grammar: str) -> None:
+        """ConstraintError (with llama.cpp's reason) unless llama.cpp can use `grammar`."""
+        llama_cpp.llama_sampler_free(SamplerChain.grammar_sampler(model, grammar))
 
     def remember(self, tokens: Sequence[int]) -> None:
         """Feed earlier tokens to the penalties, as if they had been sampled (not to the

@@ -28,10 +28,9 @@ MIN_REUSED_PREFIX = 16
 class PreludeStates:
     """Owns sequence 0 of a context: which prelude it holds and how it got there."""
 
-    def __init__(self, context: Context, cache: CacheStore | None, n_batch: int, counters: Counters) -> None:
+    def __init__(self, context: Context, cache: CacheStore | None, counters: Counters) -> None:
         self.context = context
         self.cache = cache
-        self.n_batch = n_batch
         self.counters = counters
         self._loaded: list[int] | None = None  # prelude tokens whose state seq 0 holds
 
@@ -151,11 +150,10 @@ class PreludeStates:
             self.context.set_seq_state(state, PRELUDE_SEQ)
 
     def _prefill(self, tokens: list[int], start: int, end: int, on_prefill: ProgressCallback | None) -> None:
-        for chunk_start in range(start, end, self.n_batch):
-            chunk_end = min(chunk_start + self.n_batch, end)
-            self.context.decode_sequence(tokens[chunk_start:chunk_end], chunk_start, PRELUDE_SEQ)
+        def progress(chunk_start: int, chunk_end: int) -> None:
             if on_prefill is not None:
                 on_prefill(chunk_end - start, end - start)
+        self.context.prefill(tokens, start, end, PRELUDE_SEQ, after_chunk=progress)
 
     def _store(self, label: str, kind: PreludeKind, tokens: list[int]) -> Entry | None:
         """Store sequence 0's state; a cache that cannot take it (a full disk) costs the

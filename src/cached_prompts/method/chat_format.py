@@ -14,8 +14,6 @@ import enum
 import re
 from dataclasses import dataclass
 
-import llama_cpp
-
 from cached_prompts.local.engine import Model
 
 
@@ -106,18 +104,16 @@ def detect_in_template(template: str) -> ChatFormat | None:
 def detect_in_vocabulary(model: Model) -> ChatFormat | None:
     """The chat format whose turn marker is one special token of the model's vocabulary
     (for a GGUF without a chat template); None if none is."""
-    special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
     for kind in _DETECTION_ORDER:
         tokens = model.tokenize(FORMATS[kind].marker, at_start=False)
-        if len(tokens) == 1 and llama_cpp.llama_vocab_get_attr(model.vocab, tokens[0]) & special:
+        if len(tokens) == 1 and model.is_special(tokens[0]):
             return FORMATS[kind]
     return None
 
 
 def chat_template(model: Model) -> str | None:
     """The model's own chat template (GGUF `tokenizer.chat_template`), if it has one."""
-    template = llama_cpp.llama_model_chat_template(model.handle, None)
-    return template.decode("utf-8", errors="replace") if template else None
+    return model.chat_template()
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llama_cpp.llama_grammar import json_schema_to_gbnf
-
 from cached_prompts.backend.interface import Backend
 from cached_prompts.errors import ConstraintError
 from cached_prompts.fs.regular import kind_of, read_regular
+from cached_prompts.local.grammar import schema_to_gbnf
 
 MAX_SIDECAR_BYTES = 256 * 1024
 MAX_GRAMMAR_BYTES = 1 << 20
@@ -125,7 +124,7 @@ def grammar_from_schema(schema: Any, source: str, backend: Backend) -> str:
                               f"\"properties\": {{...}}}}), not {type(schema).__name__}")
     _check_schema_bounds(schema, source)
     try:
-        grammar = json_schema_to_gbnf(json.dumps(schema))
+        grammar = schema_to_gbnf(json.dumps(schema))
     except RecursionError:
         raise ConstraintError(f"{source}: the schema refers to itself too deeply to become a grammar") from None
     except Exception as error:  # the converter signals what it cannot do with assert, KeyError, ...

@@ -8,8 +8,8 @@ itself scores high; an example it finds surprising scores low, and is the one to
 One pass per prelude with logits for every position from the first answer on: the prelude's
 state comes from the cache as for any request (computed and stored if missing), the part
 before the first answer is shared from it, the rest is decoded once into another sequence
-with `all_logits`, and the log-softmax is taken in numpy. Local engine only: servers do not
-return logits for prompt tokens.
+with `all_logits` (`Backend.token_logprobs`). Local engine only: servers do not return the
+log-probabilities of prompt tokens, and say so (UnsupportedByBackendError).
 """
 
 from __future__ import annotations
@@ -22,12 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-import numpy as np
-
 from cached_prompts.backend.interface import Backend
 from cached_prompts.method.chat_format import AnswerMarkers, answer_spans, detect, markers_of
-from cached_prompts.errors import EngineError, InputFileError, OptionsError, StateUnusableError
+from cached_prompts.errors import EngineError, InputFileError
 from cached_prompts.fs.files import atomic_write_text
 from cached_prompts.fs.regular import read_regular
 from cached_prompts.workspace.layout import CACHE, PRELUDES, Workspace, read_input_text
@@ -81,12 +78,8 @@ class PreludeScore:
 
 def score_preludes(workspace: Workspace, backend: Backend, markers: AnswerMarkers | None = None
                    ) -> tuple[list[PreludeScore], list[tuple[Path, str]]]:
-    """The scores of every prelude, and the preludes that could not be read (with why)."""
-    from cached_prompts.local.backend import LocalBackend
-
-    if not isinstance(backend, LocalBackend):
-        raise OptionsError("score-preludes needs the local engine (the log-probability of every prompt "
-                           "token); run it without --server")
+    """The scores of every prelude, and the preludes that could not be read (with why).
+    UnsupportedByBackendError from a backend that cannot score (a server)."""
     scores, skipped = [], []
     for path in workspace.preludes():
         try:
@@ -97,7 +90,7 @@ def score_preludes(workspace: Workspace, backend: Backend, markers: AnswerMarker
     return scores, skipped
 
 
-def score_prelude(backend: Any, path: Path, markers: AnswerMarkers | None) -> PreludeScore:
+def score_prelude(backend: Backend, path: Path, markers: AnswerMarkers | None) -> PreludeScore:
     text = read_input_text(path)
     tokens = backend.prelude_tokens(text, f"{PRELUDES}/{path.name}")
     score = PreludeScore(path, text, len(tokens))
@@ -109,15 +102,15 @@ def score_prelude(backend: Any, path: Path, markers: AnswerMarkers | None) -> Pr
             return score
         markers = markers_of(chat)
     spans = answer_spans(text, markers)
-    offsets = token_offsets(backend.model, tokens, text)
+    offsets = token_offsets(backend.token_pieces(tokens), text)
     members = [[i for i in range(1, len(tokens)) if start <= offsets[i][0] < end] for start, end in spans]
     found = [(span, ids) for span, ids in zip(spans, members) if ids]
     if not found:
         score.problem = "no complete example answer (an answer followed by its end marker)"
         return score
     log.info("scoring %s/%s: %d tokens, %d example answers", PRELUDES, path.name, len(tokens), len(found))
-    logprobs = _token_logprobs(backend, path.stem, tokens, min(ids[0] for _, ids in found),
-                               max(ids[-1] for _, ids in found))
+    first, end = min(ids[0] for _, ids in found), max(ids[-1] for _, ids in found) + 1
+    logprobs = dict(zip(range(first, end), backend.token_logprobs(tokens, first, end, path.stem)))
     score.answers = [AnswerScore(index, start, end, [logprobs[i] for i in ids], [offsets[i] for i in ids])
                      for index, ((start, end), ids) in enumerate(found)]
     return score
@@ -126,20 +119,18 @@ def score_prelude(backend: Any, path: Path, markers: AnswerMarkers | None) -> Pr
 # ----- tokens and their log-probabilities ----------------------------------------------------------
 
 
-def token_offsets(model: Any, tokens: list[int], text: str) -> list[tuple[int, int]]:
-    """(start, end) character offsets of each token in `text`. A BOS the tokenizer added is
-    empty; a leading space a SentencePiece tokenizer added is not counted."""
+def token_offsets(pieces: list[bytes], text: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets in `text` of each token, given the bytes each spells
+    (Backend.token_pieces: an added BOS spells nothing); a leading space a SentencePiece
+    tokenizer added is not counted."""
     data = text.encode("utf-8")
     char_at = _char_index(text)
     spans, position = [], 0
-    for token in tokens:
-        piece = model.piece(token)
+    for piece in pieces:
         if data.startswith(piece, position):
             end = position + len(piece)
         elif piece.startswith(b" ") and data.startswith(piece[1:], position):
             end = position + len(piece) - 1
-        elif not spans and token == llama_cpp.llama_vocab_bos(model.vocab):
-            end = position  # the BOS the tokenizer added
         else:
             raise EngineError(f"the tokens of the prelude do not spell its text at byte {position}; "
                               "this model's tokenizer is not supported by score-preludes")
@@ -155,47 +146,6 @@ def _char_index(text: str) -> list[int]:
         index += [number] * len(char.encode("utf-8"))
     index.append(len(text))
     return index
-
-
-def _token_logprobs(backend: Any, label: str, tokens: list[int], first: int, last: int) -> dict[int, float]:
-    """log P(tokens[i] | tokens[:i]) for first <= i <= last, from one decode of tokens[first-1:last]
-    with logits for every row. The part before comes from the prelude's state (cache, prefix or
-    computed and stored, as for a request), cut back to it, so the KV cells are laid out as in
-    one pass over the whole prelude: llama.cpp's sums, and so the scores, depend on that layout
-    (measured: up to 0.4 nats on single tokens when other sequences' cells sit beside them)."""
-    start, kept = first - 1, 0
-    context = backend.context
-    try:
-        backend.unload()
-        if start > 0:
-            backend.prepare_prelude(tokens, label)
-            try:
-                context.seq_trim(0, start)
-                kept = start
-            except StateUnusableError:  # a recurrent state cannot be cut: decode it all
-                backend.unload()
-        for chunk in range(kept, start, context.n_batch):
-            context.decode_sequence(tokens[chunk:min(chunk + context.n_batch, start)], chunk, 0)
-        return _decode_rows(backend, tokens, start, last, 0)
-    finally:
-        backend.unload()  # sequence 0 no longer holds the prelude's state
-
-
-def _decode_rows(backend: Any, tokens: list[int], start: int, last: int, seq: int) -> dict[int, float]:
-    """Decode tokens[start:last] into `seq`, each row giving the log-probability of the next token."""
-    context, n_vocab = backend.context, backend.model.n_vocab
-    result: dict[int, float] = {}
-    for chunk in range(start, last, context.n_batch):
-        rows = tokens[chunk:min(chunk + context.n_batch, last)]
-        context.decode_sequence(rows, chunk, seq, all_logits=True)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(context.handle), shape=(len(rows), n_vocab))
-        peak = logits.max(axis=1)
-        log_sum = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=1, dtype=np.float64))
-        following = np.array(tokens[chunk + 1:chunk + 1 + len(rows)])
-        chosen = logits[np.arange(len(rows)), following]
-        for row, value in enumerate(chosen - log_sum):
-            result[chunk + 1 + row] = float(value)
-    return result
 
 
 # ----- rendering and the scores file ---------------------------------------------------------------
