@@ -14,6 +14,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 
 from cached_prompts.cli import method as method_cli
+from cached_prompts.cli import watch as watch_cli
 from cached_prompts.commands import cache_admin, token_stats
 from cached_prompts.commands import outputs as commands
 from cached_prompts.backend.interface import Backend
@@ -37,6 +38,7 @@ COMMANDS = {
     "stdio-json-repl": "serve JSON requests on stdin, one response line per request on stdout",
     "report": "write report.html: every prompt with its outputs side by side, in one page",
     **method_cli.COMMANDS,
+    **watch_cli.COMMANDS,
 }
 
 
@@ -137,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="decode single_prompt lines already waiting on stdin together (same "
                                       "prelude and sampling); their outputs then depend on what was batched")
         method_cli.add_arguments(name, command)
+        watch_cli.add_arguments(name, command)
         if name == "report":
             command.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
                                  help="where to write the page (default: report.html at the workspace root)")
@@ -262,6 +265,9 @@ def run_command(args: argparse.Namespace) -> int:
 
         return serve(engine_options, sampling, workspace, verbose=verbose, server_options=servers,
                      batch_waiting=args.batch_waiting)
+    if args.command in watch_cli.COMMANDS:
+        return watch_cli.run(args, workspace, sampling, lambda: open_backend(engine_options, workspace, verbose=verbose,
+                                                                              server_options=servers))
     if args.command in method_cli.COMMANDS:
         return method_cli.run(args, workspace, lambda: open_backend(engine_options, workspace, verbose=verbose,
                                                                     server_options=servers))

@@ -18,6 +18,7 @@ from cached_prompts.errors import ContextOverflowError, IncompleteOutputsError, 
 from cached_prompts.workspace.freshness import StaleReason, judge
 from cached_prompts.options import SamplingOptions, derive_seed
 from cached_prompts.commands.progress import Progress
+from cached_prompts.commands.run_events import QUIET, InputStamp, RunObserver
 from cached_prompts.workspace.records import OutputRecord, new_run_id, utc_now, write_records
 from cached_prompts.method.constraints import freshness_inputs, load_constraint
 from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, read_input_text,
@@ -33,6 +34,8 @@ class RunReport:
     up_to_date: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     run_id: str = field(default_factory=new_run_id)  # in every output's record
+    observer: RunObserver = QUIET  # hears what is being made (watch's live page)
+    changed: list[Path] = field(default_factory=list)  # inputs that changed while their outputs were made
 
     def skip(self, path: Path, error: Exception) -> None:
         log.error("skipped %s: %s", path.name, error)
@@ -85,10 +88,12 @@ class PreludeTexts:
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._read: dict[Path, tuple[str, list[int]]] = {}
+        self.stamps: dict[Path, InputStamp] = {}  # of each prelude, taken before it was read
 
     def __call__(self, path: Path) -> tuple[str, list[int]]:
         """(text, tokens) of a prelude file."""
         if path not in self._read:
+            self.stamps[path] = InputStamp.take([path])
             text = read_input_text(path)
             self._read[path] = (text, self._backend.prelude_tokens(text, f"{PRELUDES}/{path.name}"))
         return self._read[path]
@@ -102,6 +107,7 @@ class _Input:
     full: list[int]
     outputs: list[Path]
     grammar: str | None = None  # from its schema or grammar sidecar (structured.py)
+    seen: InputStamp = InputStamp()  # its inputs before they were read (run_events.InputStamp)
 
 
 def precache_preludes(workspace: Workspace, backend: Backend) -> RunReport:
@@ -128,9 +134,9 @@ def precache_preludes(workspace: Workspace, backend: Backend) -> RunReport:
 
 
 def outputs_for_drafts(workspace: Workspace, backend: Backend, sampling: SamplingOptions,
-                       n: int, force: bool) -> RunReport:
+                       n: int, force: bool, *, observer: RunObserver = QUIET) -> RunReport:
     """N sampled answers per draft; a draft is a prelude with an empty prompt."""
-    report = RunReport()
+    report = RunReport(observer=observer)
     remove_stale_output_temp_files(workspace)
     keys = output_keys(n, False)
     fresh = Freshness(backend)
@@ -149,21 +155,22 @@ def outputs_for_drafts(workspace: Workspace, backend: Backend, sampling: Samplin
     progress = Progress(len(todo))
     for draft, outputs in todo:
         try:
+            seen = InputStamp.take(freshness_inputs(draft))
             tokens = backend.prelude_tokens(read_input_text(draft), f"{DRAFTS}/{draft.name}")
             grammar = load_constraint(draft, backend)
         except SKIPPABLE as error:
             report.skip(draft, error)
             progress.finish_item()
             continue
-        _generate(backend, progress, f"{DRAFTS}/{draft.name}", tokens, [_Input(draft, tokens, outputs, grammar)],
+        _generate(backend, progress, f"{DRAFTS}/{draft.name}", tokens, [_Input(draft, tokens, outputs, grammar, seen)],
                   sampling, keys, label=f"draft {draft.stem}", kind=PreludeKind.DRAFT, report=report)
     return report
 
 
 def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: SamplingOptions,
-                         n: int, deterministic: bool, force: bool) -> RunReport:
+                         n: int, deterministic: bool, force: bool, *, observer: RunObserver = QUIET) -> RunReport:
     """Answers per test prompt: N sampled ones, or one greedy with `deterministic`."""
-    report = RunReport()
+    report = RunReport(observer=observer)
     remove_stale_output_temp_files(workspace)
     keys = output_keys(n, deterministic)
     fresh = Freshness(backend)
@@ -188,6 +195,7 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
         for prompt, outputs in group:
             try:
                 prelude_text, prelude = preludes(prelude_path)
+                seen = preludes.stamps[prelude_path] + InputStamp.take(freshness_inputs(prompt.path))
                 full = backend.joint_tokens(prelude_text, read_input_text(prompt.path))
                 backend.check_fits(prelude, full)
                 grammar = load_constraint(prompt.path, backend)
@@ -195,7 +203,7 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
                 report.skip(prompt.path, error)
                 progress.finish_item()
                 continue
-            ready.append(_Input(prompt.path, full, outputs, grammar))
+            ready.append(_Input(prompt.path, full, outputs, grammar, seen))
         if not ready:
             continue
         prelude = preludes(prelude_path)[1]
@@ -225,12 +233,23 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
                                 sampling, label, kind=kind, store=kind != PreludeKind.DRAFT)
     started = time.monotonic()
     lost: IncompleteOutputsError | None = None
+    observer = report.observer
+    making = [path for item in batch for path in item.outputs]
+    observer.generating(making, f"{name}: {described}", budget)
+
+    def step(new: int) -> None:
+        progress.generated(new, described, budget)
+        observer.step(new)
+
     try:
-        completions = backend.generate(request, on_prefill=progress.prefill,
-                                       on_step=lambda new: progress.generated(new, described, budget))
+        completions = backend.generate(request, on_prefill=progress.prefill, on_step=step,
+                                       on_text=lambda job, k, piece: observer.text(batch[job].outputs[k], piece))
     except IncompleteOutputsError as error:  # servers: write what was made, name the rest
         completions, lost = error.completed, error
-    except ContextOverflowError as error:
+    except BaseException as error:
+        observer.not_written(making, str(error) or type(error).__name__)
+        if not isinstance(error, ContextOverflowError):
+            raise
         if len(batch) == 1:
             progress.finish_item()
             report.skip(batch[0].path, error)
@@ -245,6 +264,7 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
         progress.finish_item()
         if item_completions is None:
             report.skip(item.path, lost)
+            observer.not_written(item.outputs, str(lost))
             continue
         made = _Made(backend, sampling, report.run_id, seconds, len(prelude), len(item.full) - len(prelude))
         _write_outputs(item, item_completions, made, report)
@@ -280,7 +300,16 @@ class _Made:
 
 
 def _write_outputs(item: _Input, completions: list[Completion], made: _Made, report: RunReport) -> None:
+    if item.seen.changed():
+        # Answers to the text as it was: written now, they would look newer than the input
+        # and so fresh. The next run (or watch's next round) makes them from the new text.
+        log.warning("%s changed while its outputs were made: they are not written; run again to make them",
+                    item.path.name)
+        report.changed.append(item.path)
+        report.observer.not_written(item.outputs, f"{item.path.name} changed meanwhile")
+        return
     for path, completion in zip(item.outputs, completions):
         write_output(path, completion.text)
         report.written.append(path)
     write_records((path, made.record(c)) for path, c in zip(item.outputs, completions))
+    report.observer.written(item.outputs)

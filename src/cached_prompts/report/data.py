@@ -26,7 +26,7 @@ from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, DRAFTS_OUTPU
 MAX_SHOWN_BYTES = 4 << 20
 _OUTPUT_NAME = re.compile(r"(?P<stem>.+)\.output-(?P<key>[^.]+)\.txt")
 
-TokenCounter = Callable[[str, bool], int]
+TokenCounter = Callable[[str, bool], "int | None"]  # None: not known (the live page, before counting)
 
 
 class OutputState(enum.Enum):
@@ -220,7 +220,8 @@ class _Collector:
         if (self.count_tokens is None or prelude.tokens is None or prompt.tokens is None
                 or prelude.text is None or prompt.text is None):
             return prompt.tokens
-        return self.count_tokens(prelude.text + prompt.text, True) - prelude.tokens
+        joint = self.count_tokens(prelude.text + prompt.text, True)
+        return prompt.tokens if joint is None else joint - prelude.tokens
 
     def too_long(self, file: FileText, *extra: int | None) -> str:
         """Why `file` (plus `extra` tokens) does not fit the context, or ''."""

@@ -35,17 +35,18 @@ _SAMPLING_SHORT = (("temperature", "temp"), ("top_k", "top-k"), ("top_p", "top-p
 
 def build_report(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: int | None,
                  model_id: str | None = None, run_id: str | None = None,
-                 skipped: Iterable[tuple[Path, str]] = ()) -> str:
+                 skipped: Iterable[tuple[Path, str]] = (), live: bool = False) -> str:
     """The report page of `workspace` as HTML text.
 
-    count_tokens(text, at_start) counts tokens (at_start=True for a prelude or draft); without
-    it, counts come from the outputs' records where there are some. An output whose record names
-    another model than `model_id` is stale. `skipped` adds the inputs a run skipped, with its
-    reasons; `run_id` names the run the page is made for.
+    count_tokens(text, at_start) counts tokens (at_start=True for a prelude or draft; it may
+    answer None: not known); without it, counts come from the outputs' records where there are
+    some. An output whose record names another model than `model_id` is stale. `skipped` adds
+    the inputs a run skipped, with its reasons; `run_id` names the run the page is made for.
+    `live`: the page `watch` serves, which also runs live.js and may connect to its own server.
     """
     data = collect(workspace, count_tokens=count_tokens, n_ctx=n_ctx, model_id=model_id, run_id=run_id,
                    skipped=skipped)
-    return render(data)
+    return render(data, live=live)
 
 
 class TokenSource(Protocol):
@@ -113,10 +114,21 @@ def _when(iso: str) -> str:
 # ----- page ------------------------------------------------------------------------------------------
 
 
-def render(data: ReportData) -> str:
+def content_security_policy(*, live: bool) -> str:
+    """Only the page's own scripts (by hash) run; the static page may request nothing, the
+    live page only its own server (the page again, and the live channel)."""
+    scripts = [_asset("report.js"), *([_asset("live.js")] if live else [])]
+    hashes = " ".join(f"'{_sha256_source(script)}'" for script in scripts)
+    connect = "; connect-src 'self'" if live else ""
+    return (f"default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src {hashes}{connect}; "
+            "base-uri 'none'; form-action 'none'")
+
+
+def render(data: ReportData, *, live: bool = False) -> str:
     script = _asset("report.js")
-    csp = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
-           f"script-src '{_sha256_source(script)}'; base-uri 'none'; form-action 'none'")
+    csp = content_security_policy(live=live)
+    live_parts = ([f"<style>\n{_asset('live.css')}</style>\n"], [f"<script>{_asset('live.js')}</script>\n"]) \
+        if live else ([], [])
     page_data = {"made": data.made, "run_id": data.run_id, "n_ctx": data.n_ctx, "workspace": data.workspace_name,
                  "outputs": len([o for o in data.outputs() if o.state is not OutputState.MISSING]),
                  "stale": data.count(OutputState.STALE), "missing": data.count(OutputState.MISSING),
@@ -127,13 +139,13 @@ def render(data: ReportData) -> str:
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_e(csp)}\">\n",
         "<meta name=\"color-scheme\" content=\"light dark\">\n<link rel=\"icon\" href=\"data:,\">\n",
         f"<title>{_e(data.workspace_name)} · cached-prompts report</title>\n",
-        f"<style>\n{_asset('report.css')}</style>\n</head>\n<body>\n",
+        f"<style>\n{_asset('report.css')}</style>\n", *live_parts[0], "</head>\n<body>\n",
         _header(data), "<main id=\"main\">\n", _skipped_section(data), _drafts_section(data),
         *(_prelude_section(prelude, data, index) for index, prelude in enumerate(data.preludes)),
         _orphans_section(data), _stray_section(data), "<p id=\"no-match\" hidden>Nothing matches the filter.</p>\n",
         "</main>\n",
         f"<script type=\"application/json\" id=\"report-data\">{json_for_script(page_data)}</script>\n",
-        f"<script>{script}</script>\n</body>\n</html>\n",
+        f"<script>{script}</script>\n", *live_parts[1], "</body>\n</html>\n",
     ])
 
 

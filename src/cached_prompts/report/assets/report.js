@@ -1,6 +1,9 @@
 "use strict";
 // The report's behaviour: word-level differences between the outputs of one prompt, the
 // filter, keyboard navigation. Text is only ever set through textContent, never as HTML.
+// The live page (live.js) changes the items in place and then dispatches "cp:updated" on the
+// document, with the changed items in `detail.items`: they are compared again with their
+// chosen reference (data-ref), and the filter is applied again.
 (function () {
   var WORD = /\s+|[\p{L}\p{N}_]+|[^\s\p{L}\p{N}_]/gu;
   var MAX_CELLS = 4000000; // a word-by-word table larger than this falls back to prefix/suffix matching
@@ -87,13 +90,28 @@
     });
   }
 
-  items.forEach(function (item) {
-    var first = item.querySelector(".card[data-output] pre.out");
-    if (first) { compareWith(item, first.closest(".card")); }
-  });
+  // The reference chosen with "compare" (its output's name in data-ref), else the first output.
+  function compareWithReference(item) {
+    var cards = Array.prototype.slice.call(item.querySelectorAll(".card[data-output]"));
+    var chosen = cards.filter(function (card) { return card.dataset.output === item.dataset.ref; })[0];
+    var first = cards.filter(function (card) { return card.querySelector("pre.out"); })[0];
+    if (chosen || first) { compareWith(item, chosen || first); }
+  }
+  items.forEach(compareWithReference);
   document.addEventListener("click", function (event) {
     var button = event.target.closest && event.target.closest(".ref-button");
-    if (button) { compareWith(button.closest("article.item"), button.closest(".card")); }
+    if (!button) { return; }
+    var item = button.closest("article.item");
+    item.dataset.ref = button.closest(".card").dataset.output;
+    compareWith(item, button.closest(".card"));
+  });
+  document.addEventListener("cp:updated", function (event) {
+    var currentItem = current >= 0 ? items[current] : null;
+    items = Array.prototype.slice.call(document.querySelectorAll("article.item"));
+    groups = Array.prototype.slice.call(document.querySelectorAll("section.group[data-group]"));
+    current = currentItem ? items.indexOf(currentItem) : -1;
+    (event.detail && event.detail.items || []).forEach(compareWithReference);
+    applyFilter();
   });
 
   // ----- filter ------------------------------------------------------------------------------

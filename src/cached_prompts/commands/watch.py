@@ -1,0 +1,183 @@
+"""watch: make every stale output, then watch the workspace and make again what becomes stale.
+
+A round runs the two output commands (outputs_for_drafts, outputs_test_prompts) as they would
+run from the command line: they judge freshness, so a round makes exactly the outputs that are
+stale (an input changed, an output was deleted, a new input appeared) and leaves the rest.
+
+Files are watched with watchfiles (inotify where there is one). What counts:
+  - `*.txt` inputs and their sidecars (`.schema.json`, `.gbnf`, `.expect.toml`) in the three
+    input folders; outputs deleted from the two output folders (outputs written, by this run or
+    anyone, need no round: they are only shown again);
+  - never editors' scratch files: names starting with `.` or `#` (vim's `.x.swp`, emacs's
+    `.#x` lock and `#x#` autosave), ending with `~`, vim's `4913` probe, temp files.
+Changes are grouped until the folder has been quiet for STEP_MS (at most DEBOUNCE_MS), so an
+editor's save (truncate + write, or write a temp file + rename) is one change.
+
+An input that changes while its outputs are being made: those outputs are *not written*
+(commands/outputs.py compares each input's size and modification time when it was read with
+those at the moment of writing), and the round that the change starts makes them again from the
+new text. Writing them and marking them stale would leave outputs that look fresh (newer than
+the input) but answer the old text. A file half-written when read is the same case: the rest of
+the write changes it again. Deleted inputs leave their outputs alone (the report lists them as
+outputs whose input is gone); a renamed input is a new input whose outputs are made.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cached_prompts.backend.interface import Backend
+from cached_prompts.commands.outputs import outputs_for_drafts, outputs_test_prompts
+from cached_prompts.commands.run_events import RunObserver
+from cached_prompts.errors import CachedPromptsError
+from cached_prompts.options import SamplingOptions
+from cached_prompts.workspace.layout import (CONFIG_FILE, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS,
+                                             TEST_PROMPTS_OUTPUTS, Workspace, remove_stale_output_temp_files)
+
+log = logging.getLogger(__name__)
+
+INPUT_FOLDERS = (DRAFTS, PRELUDES, TEST_PROMPTS)
+OUTPUT_FOLDERS = (DRAFTS_OUTPUTS, TEST_PROMPTS_OUTPUTS)
+WATCHED_SUFFIXES = (".txt", ".json", ".gbnf", ".toml")
+EDITOR_SCRATCH_NAMES = frozenset({"4913"})  # vim writes and removes it to test the folder
+STEP_MS = 100  # quiet time that ends a group of changes
+DEBOUNCE_MS = 1500  # the longest a group of changes waits
+
+
+class WatchListener(RunObserver):
+    """Hears the watcher too: rounds, changes on disk, problems. The live page implements it.
+    `changed` comes from the file-watching thread, everything else from the round's thread."""
+
+    def changed(self, paths: list[Path]) -> None:
+        """Workspace files changed on disk (inputs or outputs)."""
+
+    def round_started(self) -> None:
+        """A round begins: it judges what is stale and makes it."""
+
+    def round_finished(self, result: "RoundResult") -> None:
+        """A round ended, with what it wrote and skipped."""
+
+
+@dataclass
+class RoundResult:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # inputs a command skipped, and why
+    problem: str = ""  # an error that stopped the round (the watcher goes on)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """What each round makes: N sampled outputs per input, or one greedy per test prompt."""
+
+    n: int = 5
+    deterministic: bool = False
+    step_ms: int = STEP_MS
+    debounce_ms: int = DEBOUNCE_MS
+
+
+def watched_kind(root: Path, path: Path) -> str | None:
+    """"input", "output" or None (not a file the watcher cares about)."""
+    name = path.name
+    if path.parent.parent != root:
+        return "config" if path == root / CONFIG_FILE else None
+    if (name.startswith((".", "#")) or name.endswith("~") or name in EDITOR_SCRATCH_NAMES
+            or not name.endswith(WATCHED_SUFFIXES)):
+        return None
+    folder = path.parent.name
+    return "input" if folder in INPUT_FOLDERS else "output" if folder in OUTPUT_FOLDERS else None
+
+
+def make_round(workspace: Workspace, backend: Backend, sampling: SamplingOptions, settings: WatchSettings,
+               listener: WatchListener) -> RoundResult:
+    """Make every stale output of the workspace, as the two output commands would."""
+    listener.round_started()
+    started = time.monotonic()
+    result = RoundResult()
+    try:
+        for report in (outputs_for_drafts(workspace, backend, sampling, settings.n, False, observer=listener),
+                       outputs_test_prompts(workspace, backend, sampling, settings.n, settings.deterministic,
+                                            False, observer=listener)):
+            result.written += report.written
+            result.skipped += report.skipped
+    except CachedPromptsError as error:  # a server down, a full disk...: said, and tried again on the next change
+        log.error("%s", error)
+        result.problem = str(error)
+    result.seconds = time.monotonic() - started
+    listener.round_finished(result)
+    return result
+
+
+def watch_workspace(workspace: Workspace, backend: Backend, sampling: SamplingOptions, settings: WatchSettings,
+                    listener: WatchListener, stop: threading.Event) -> None:
+    """Make what is stale, then again after every change, until `stop` is set (or Ctrl-C:
+    KeyboardInterrupt goes through, after the file watcher has stopped). A write interrupted
+    by Ctrl-C removes its temp file (fs/files.py); leftovers of killed runs are removed too."""
+    changes: queue.Queue[list[Path]] = queue.Queue()
+    watcher = threading.Thread(target=_watch_files, args=(workspace.root, settings, changes, stop, listener),
+                               name="cached-prompts-watchfiles", daemon=True)
+    watcher.start()
+    try:
+        while not stop.is_set():
+            make_round(workspace, backend, sampling, settings, listener)
+            if not _wait_for_inputs(changes, stop):
+                break
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+        remove_stale_output_temp_files(workspace)
+
+
+def _wait_for_inputs(changes: "queue.Queue[list[Path]]", stop: threading.Event) -> bool:
+    """Block until a change that needs a round (True), or until stopped (False). The short
+    timeout lets Ctrl-C through: a blocked Queue.get would hold the signal back."""
+    while not stop.is_set():
+        try:
+            changes.get(timeout=0.25)
+        except queue.Empty:
+            continue
+        while not changes.empty():  # everything queued meanwhile is one round
+            changes.get_nowait()
+        return True
+    return False
+
+
+def _watch_files(root: Path, settings: WatchSettings, changes: "queue.Queue[list[Path]]", stop: threading.Event,
+                 listener: WatchListener) -> None:
+    import watchfiles
+
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # not "N changes detected" for each
+
+    def wanted(change: watchfiles.Change, path: str) -> bool:
+        return watched_kind(root, Path(path)) is not None
+
+    try:
+        for batch in watchfiles.watch(root, watch_filter=wanted, step=settings.step_ms, debounce=settings.debounce_ms,
+                                      stop_event=stop, raise_interrupt=False):
+            paths = sorted({Path(path) for _, path in batch})
+            needs_round = _needs_round(root, batch)
+            log.debug("changed: %s", ", ".join(p.name for p in paths))
+            listener.changed(paths)
+            if needs_round:
+                changes.put(paths)
+    except Exception as error:  # noqa: BLE001 - the watcher's thread must say why it stopped
+        log.error("watching %s stopped: %s; restart watch", root, error)
+
+
+def _needs_round(root: Path, batch: set[tuple[object, str]]) -> bool:
+    import watchfiles
+
+    needs = False
+    for change, path in batch:
+        kind = watched_kind(root, Path(path))
+        if kind == "config":
+            log.warning("%s changed: watch keeps the options it started with; restart it to use the new ones",
+                        CONFIG_FILE)
+        elif kind == "input" or (kind == "output" and change == watchfiles.Change.deleted):
+            needs = True
+    return needs
