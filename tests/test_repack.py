@@ -46,10 +46,10 @@ def test_without_repacking_cached_equals_uncached(tmp_path: Path) -> None:
     with LocalBackend(options, None) as uncached:
         prelude = uncached.prelude_tokens("<|im_start|>user\nName a colour.", "prelude")
         full = uncached.joint_tokens("<|im_start|>user\nName a colour.", "<|im_end|>\n<|im_start|>assistant\n")
-        expected = uncached.generate(GenerationRequest(prelude, [PromptJob(full, [None])], sampling))[0][0].text
+        expected = uncached.generate(GenerationRequest(prelude, [PromptJob(full, [None])], sampling, "colour"))[0][0].text
     answers = []
     for _ in range(2):  # computes and stores, then restores from the disk
         with LocalBackend(options, tmp_path / "cache") as backend:
             assert backend.settings.weights == "plain"
-            answers.append(backend.generate(GenerationRequest(prelude, [PromptJob(full, [None])], sampling))[0][0].text)
+            answers.append(backend.generate(GenerationRequest(prelude, [PromptJob(full, [None])], sampling, "colour"))[0][0].text)
     assert answers == [expected, expected]
