@@ -31,6 +31,7 @@ from profiling import timed_breakdown  # noqa: E402
 from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E402
 
 from cached_prompts.cache.store import CacheStore  # noqa: E402
+from cached_prompts.local.engine import resolve_repack  # noqa: E402
 from cached_prompts.local.model_file import default_model_path  # noqa: E402
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed  # noqa: E402
 from cached_prompts.backend.interface import GenerationRequest, PromptJob  # noqa: E402
@@ -181,8 +182,22 @@ class Bench:
         return rates
 
     def llama(self) -> llama_cpp.Llama:
-        return llama_cpp.Llama(str(self.model_path), n_ctx=self.sizes.n_ctx, n_batch=512,
-                               n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        # Llama takes no use_extra_bufts; without it, its model crashes on AMX CPUs as ours would
+        # (local/engine.py): hand it default parameters with our --lp-repack auto choice.
+        bindings = llama_cpp.llama_cpp
+        default_params = bindings.llama_model_default_params
+
+        def safe_params() -> Any:
+            params = default_params()
+            params.use_extra_bufts = resolve_repack("auto")
+            return params
+
+        bindings.llama_model_default_params = safe_params
+        try:
+            return llama_cpp.Llama(str(self.model_path), n_ctx=self.sizes.n_ctx, n_batch=512,
+                                   n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        finally:
+            bindings.llama_model_default_params = default_params
 
     def workload_baseline(self) -> None:
         """The best a user gets by hand: one Llama object, prelude + prompt each call, so its
