@@ -20,9 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cached_prompts.commands.outputs import outputs_test_prompts
+from cached_prompts.commands.run_events import RunObserver
 from cached_prompts.commands.watch import watched_kind
+from cached_prompts.workspace.layout import Workspace
 
-from .conftest import CHATML_SYSTEM, PRELUDE, missing_tool, prompt_for, write
+from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, missing_tool, prompt_for, write
 
 CHROMIUM = shutil.which("chromium")
 OUTPUTS = "test_prompts_outputs"
@@ -256,3 +259,31 @@ def test_only_inputs_sidecars_and_outputs_count_not_editors_scratch_files(tmp_pa
     assert watched_kind(root, root / "llm_cache" / "x.txt") is None
     assert watched_kind(root, root / "preludes" / "deeper" / "a.txt") is None
     assert watched_kind(root, root / "report.html") is None
+
+
+class _EditsWhileMaking(RunObserver):
+    """Saves the prompt again while its outputs are being made, as an editor would."""
+
+    def __init__(self, prompt: Path) -> None:
+        self.prompt, self.heard = prompt, []
+
+    def generating(self, outputs: list[Path], what: str, budget: int) -> None:
+        self.prompt.write_text(prompt_for("ocean"), encoding="utf-8")
+        time.sleep(0.01)  # a later modification time than the read
+        os.utime(self.prompt)
+
+    def not_written(self, outputs: list[Path], why: str) -> None:
+        self.heard.append((outputs, why))
+
+
+def test_outputs_of_an_input_that_changed_while_they_were_made_are_not_written(tmp_path: Path, make_runner) -> None:
+    root = small_workspace(tmp_path / "ws")
+    prompt = root / "test_prompts" / "dictionary---river.txt"
+    output = root / OUTPUTS / "dictionary---river.output-deterministic.txt"
+    backend, workspace = make_runner(None), Workspace(root)
+    observer = _EditsWhileMaking(prompt)
+    report = outputs_test_prompts(workspace, backend, GREEDY, 1, True, False, observer=observer)
+    assert report.changed == [prompt] and report.written == [] and not output.exists()
+    assert observer.heard == [([output], "dictionary---river.txt changed meanwhile")]
+    again = outputs_test_prompts(workspace, backend, GREEDY, 1, True, False)  # the next round
+    assert again.written == [output] and output.is_file()
