@@ -6,6 +6,7 @@ refused; Ctrl-C ends it with status 130 and no temp files."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from cached_prompts.commands.watch import watched_kind
 from cached_prompts.workspace.layout import Workspace
 
 from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, missing_tool, prompt_for, write
+from .server_fixtures import llama_servers  # noqa: F401  (the fixture)
 
 CHROMIUM = shutil.which("chromium")
 OUTPUTS = "test_prompts_outputs"
@@ -287,3 +289,37 @@ def test_outputs_of_an_input_that_changed_while_they_were_made_are_not_written(t
     assert observer.heard == [([output], "dictionary---river.txt changed meanwhile")]
     again = outputs_test_prompts(workspace, backend, GREEDY, 1, True, False)  # the next round
     assert again.written == [output] and output.is_file()
+
+
+def read_events(lines: Iterator[str], wanted: str) -> dict:
+    """The data of the next `wanted` event on a live channel (its lines)."""
+    event = ""
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: ") and event == wanted:
+            return json.loads(line[len("data: "):])
+    raise AssertionError(f"the live channel ended before a {wanted} event")
+
+
+def test_with_a_llama_server_each_answer_shows_when_complete(tmp_path: Path, start_watch, llama_servers) -> None:
+    server = llama_servers(parallel=2)
+    root = small_workspace(tmp_path / "ws")
+    output = root / OUTPUTS / "dictionary---river.output-deterministic.txt"
+    watch = start_watch(root, "--server", server.url, "-d", "--max-tokens", "8")
+    wait_for_file(output)
+    made = output.stat().st_mtime_ns
+    with httpx.stream("GET", watch.url + "events", timeout=WAIT_MS / 1000) as events:
+        assert events.status_code == 200
+        lines = events.iter_lines()
+        read_events(lines, "status")  # connected
+        (root / "test_prompts" / "dictionary---river.txt").write_text(prompt_for("lake"), encoding="utf-8")
+        started = read_events(lines, "started")
+        assert started["outputs"] == [output.name]
+        text = read_events(lines, "text")["outputs"]
+        ended = read_events(lines, "ended")
+    assert ended["outputs"] == [output.name]
+    wait_for_file(output, newer_than_ns=made)
+    assert [entry["output"] for entry in text] == [output.name]
+    assert text[0]["text"] == output.read_text(encoding="utf-8")  # whole, as the server answered it
+    assert watch.interrupt() == 130
