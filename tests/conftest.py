@@ -1,4 +1,9 @@
-"""Shared fixtures: the real engine on the real tiny model (SmolLM2-135M-Instruct)."""
+"""Every shared fixture and helper, in one place: the real engine on the real tiny model
+(SmolLM2-135M-Instruct), a small workspace, the CLI run in-process, and real llama-servers.
+
+A test module tunes the shared fixtures with module attributes instead of redefining them:
+`CLI_FLAGS` go before the arguments of every `cli(...)` call, `RUNNER_OPTIONS` are engine
+options of every `make_runner(...)` backend (a call's own options win)."""
 
 from __future__ import annotations
 
@@ -38,12 +43,13 @@ def small_options() -> EngineOptions:
 
 
 @pytest.fixture
-def make_runner(small_options: EngineOptions) -> Iterator[Callable[..., LocalBackend]]:
+def make_runner(small_options: EngineOptions, request: pytest.FixtureRequest) -> Iterator[Callable[..., LocalBackend]]:
     """Local backends closed at the end of the test; `make_runner(cache_dir)` or `make_runner(None)`."""
     made: list[LocalBackend] = []
+    module_options = getattr(request.module, "RUNNER_OPTIONS", {})
 
     def make(cache_dir: Path | None, **options: object) -> LocalBackend:
-        runner = LocalBackend(small_options.model_copy(update=options), cache_dir, n_parallel=8)
+        runner = LocalBackend(small_options.model_copy(update={**module_options, **options}), cache_dir, n_parallel=8)
         made.append(runner)
         return runner
 
@@ -107,15 +113,58 @@ def age_tree(root: Path, seconds: float = 100.0) -> None:
         age(path, seconds)
 
 
+CLI_OPTIONS = EngineOptions(n_ctx=1024, n_batch=256)  # what the `cli` fixture's flags give
+
+
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+def cli(capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest) -> Callable[..., tuple[int, str, str]]:
     """Run the CLI in-process on a workspace: `cli(root, "outputs-test-prompts", "-n", "2")`."""
     from cached_prompts.cli.main import main
 
+    module_flags = tuple(getattr(request.module, "CLI_FLAGS", ()))
+
     def run(root: Path, *args: str) -> tuple[int, str, str]:
         capsys.readouterr()
-        code = main(["--root", str(root), "--lp-n-ctx", "1024", "--lp-n-batch", "256", *args])
+        code = main(["--root", str(root), "--lp-n-ctx", "1024", "--lp-n-batch", "256", *module_flags, *args])
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def cli_backend() -> Iterator[Callable[[Path], LocalBackend]]:
+    """A backend built as the `cli` fixture's flags build it, on a workspace's cache; closed
+    at the end."""
+    made: list[LocalBackend] = []
+
+    def make(root: Path) -> LocalBackend:
+        made.append(LocalBackend(CLI_OPTIONS, root / "llm_cache"))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+@pytest.fixture
+def llama_servers(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """`start(**options)` starts a real llama-server (tests/server_fixtures.py); all of them are
+    stopped after the test, also when it fails."""
+    from .server_fixtures import LlamaServer, llama_server_binary
+
+    binary = llama_server_binary()
+    if binary is None:
+        missing_tool("llama-server is not built; run `make llama-server`")
+    started: list[LlamaServer] = []
+
+    def start(**options: object) -> LlamaServer:
+        server = LlamaServer(binary, tmp_path, **options)  # type: ignore[arg-type]
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

@@ -2,8 +2,8 @@
 
 The binary is the one `make llama-server` builds (scripts/build-llama-server.sh) into the
 tools cache; `$CACHED_PROMPTS_LLAMA_SERVER` may name another. Tests that need it skip with
-the reason when it is missing. Every server started here is stopped when its test ends,
-also when the test fails.
+the reason when it is missing (the `llama_servers` fixture in conftest.py starts them and
+stops every one when its test ends, also when the test fails).
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from cached_prompts.local.model_file import default_model_path
 from cached_prompts.server.launch import safe_server_flags
-
-from .conftest import missing_tool
 
 VERSION = "0.3.36"
 BINARY_ENV = "CACHED_PROMPTS_LLAMA_SERVER"
@@ -127,23 +123,3 @@ class LlamaServer:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.kill()
-
-
-@pytest.fixture
-def llama_servers(tmp_path: Path) -> Iterator[Callable[..., LlamaServer]]:
-    """`start(**options)` starts a llama-server; all of them are stopped after the test."""
-    binary = llama_server_binary()
-    if binary is None:
-        missing_tool("llama-server is not built; run `make llama-server`")
-    started: list[LlamaServer] = []
-
-    def start(**options: object) -> LlamaServer:
-        server = LlamaServer(binary, tmp_path, **options)  # type: ignore[arg-type]
-        started.append(server)
-        return server.start()
-
-    try:
-        yield start
-    finally:
-        for server in started:
-            server.stop()

@@ -92,15 +92,8 @@ def leftovers(cache: Path) -> list[str]:
     return sorted(temps + [f"{n}{STATE_SUFFIX}" for n in states - set(entry_names(cache))])
 
 
-@pytest.fixture
-def cli(cli):
-    """The conftest CLI runner, with one thread."""
-    return lambda root, *args: cli(root, *ONE_THREAD, *args)
-
-
-@pytest.fixture
-def make_runner(make_runner):
-    return lambda cache_dir, **options: make_runner(cache_dir, **{"n_threads": 1, **options})
+CLI_FLAGS = ONE_THREAD  # conftest's `cli` and `make_runner` read these
+RUNNER_OPTIONS = {"n_threads": 1}
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -171,10 +171,3 @@ def test_input_files_are_read_only_when_regular_and_bounded(cli, workspace: Path
     assert code == 1
     assert "dictionary---huge.txt" in err and "larger than" in err
     assert (workspace / OUTPUTS / "linked---x.output-deterministic.txt").is_file()
-
-
-def test_a_folder_where_an_output_goes_is_skipped_also_when_forced(cli, workspace: Path) -> None:
-    (workspace / OUTPUTS / "dictionary---river.output-deterministic.txt").mkdir(parents=True)
-    code, _, err = cli(workspace, "outputs-test-prompts", "-d", "-f", "--max-tokens", "2")
-    assert code == 1 and "is a folder, not a file" in err
-    assert (workspace / OUTPUTS / "dictionary---library.output-deterministic.txt").is_file()

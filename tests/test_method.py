@@ -1,4 +1,4 @@
-"""The seed's method as commands (issue 11): promote, score-preludes, structured outputs,
+"""The seed's method as commands: promote, score-preludes, structured outputs,
 the batching REPL and init — on the real default model, with short answers."""
 
 from __future__ import annotations
@@ -16,19 +16,18 @@ import pytest
 from cached_prompts.method.chat_format import FORMATS, ChatFormatKind, answer_spans, detect, markers_of
 from cached_prompts.errors import ConstraintError
 from cached_prompts.local.backend import LocalBackend
-from cached_prompts.options import EngineOptions, SamplingOptions
+from cached_prompts.options import SamplingOptions
 from cached_prompts.repl.session import Session
 from cached_prompts.method.scoring import score_prelude, scores_path
 from cached_prompts.method.constraints import checked_grammar, grammar_from_schema
 
-from .conftest import CHATML_SYSTEM, PRELUDE, age, age_tree, generate, prompt_for, write
+from .conftest import CHATML_SYSTEM, PRELUDE, age_tree, generate, prompt_for, write
 
 OUTPUTS = "test_prompts_outputs"
 SCHEMA = {"type": "object", "properties": {"noun": {"type": "boolean"},
                                            "kind": {"enum": ["thing", "place", "idea"]}},
           "required": ["noun", "kind"], "additionalProperties": False}
 REPO = Path(__file__).resolve().parent.parent
-CLI_OPTIONS = EngineOptions(n_ctx=1024, n_batch=256)  # what the `cli` fixture's flags give
 
 
 def valid(text: str) -> bool:
@@ -40,20 +39,6 @@ def valid(text: str) -> bool:
 
 def request(**arguments: Any) -> str:
     return json.dumps({"command": "single_prompt", "arguments": arguments}, ensure_ascii=False)
-
-
-@pytest.fixture
-def cli_backend(tmp_path: Path) -> Callable[[Path], LocalBackend]:
-    """A backend built as the CLI builds it, on a workspace's cache; closed at the end."""
-    made: list[LocalBackend] = []
-
-    def make(root: Path) -> LocalBackend:
-        made.append(LocalBackend(CLI_OPTIONS, root / "llm_cache"))
-        return made[-1]
-
-    yield make
-    for backend in made:
-        backend.close()
 
 
 # ----- chat formats (no model) -----------------------------------------------------------------
@@ -299,10 +284,10 @@ def test_every_output_of_a_schema_sidecar_parses_and_validates(cli, workspace: P
 
 
 def test_a_sidecar_is_an_input_of_freshness(cli, workspace: Path) -> None:
-    cli(workspace, "outputs-test-prompts", "-n", "1", "--max-tokens", "3")
+    assert cli(workspace, "outputs-test-prompts", "-n", "1", "--max-tokens", "24")[0] == 0
     age_tree(workspace)
-    code, _, err = cli(workspace, "outputs-test-prompts", "-n", "1", "--max-tokens", "3")
-    assert "3 up to date" in err
+    code, _, err = cli(workspace, "outputs-test-prompts", "-n", "1", "--max-tokens", "24")
+    assert code == 0 and "3 up to date" in err
     write(workspace / "test_prompts" / "dictionary---river.schema.json", json.dumps(SCHEMA))
     code, _, err = cli(workspace, "outputs-test-prompts", "-n", "1", "--max-tokens", "24")
     assert code == 0 and "outputs: 1 written" in err
@@ -364,7 +349,8 @@ def test_malformed_grammars_are_errors_never_crashes(make_runner) -> None:
 
 
 @pytest.fixture
-def session(cli_backend: Callable[[Path], LocalBackend], workspace: Path) -> Session:
+def workspace_session(cli_backend: Callable[[Path], LocalBackend], workspace: Path) -> Session:
+    """A REPL session on the workspace's cache, with the backend the `cli` fixture builds."""
     return Session(cli_backend(workspace), SamplingOptions(max_tokens=6))
 
 
@@ -374,22 +360,22 @@ def answer(session: Session, line: str) -> Any:
     return response["value"]
 
 
-def test_repl_outputs_follow_a_json_schema_or_grammar(session: Session) -> None:
-    outputs = answer(session, request(prelude_id="d", prelude=PRELUDE, prompt=prompt_for("river"),
+def test_repl_outputs_follow_a_json_schema_or_grammar(workspace_session: Session) -> None:
+    outputs = answer(workspace_session, request(prelude_id="d", prelude=PRELUDE, prompt=prompt_for("river"),
                                       number_of_random_outputs=3, add_nonrandom_output_to_front=True,
                                       json_schema=SCHEMA, inference_parameters={"max_tokens": 24}))
     assert len(outputs) == 4 and all(valid(text) for text in outputs)
-    outputs = answer(session, request(prelude_id="d", prelude=PRELUDE, prompts=[prompt_for("a"), prompt_for("b")],
+    outputs = answer(workspace_session, request(prelude_id="d", prelude=PRELUDE, prompts=[prompt_for("a"), prompt_for("b")],
                                       number_of_random_outputs=2, grammar='root ::= [0-9] [0-9]'))
     assert all(len(text) == 2 and text.isdigit() for texts in outputs for text in texts)
-    bad = session.handle_request(request(prelude_id="d", prelude=PRELUDE, prompt="x", grammar="root ::= y"))
+    bad = workspace_session.handle_request(request(prelude_id="d", prelude=PRELUDE, prompt="x", grammar="root ::= y"))
     assert bad["status"] == "SystemError" and "Undefined rule identifier 'y'" in bad["message"]
-    both = session.handle_request(request(prelude_id="d", prelude=PRELUDE, prompt="x", grammar='root ::= "a"',
+    both = workspace_session.handle_request(request(prelude_id="d", prelude=PRELUDE, prompt="x", grammar='root ::= "a"',
                                           json_schema={}))
     assert "give 'json_schema' or 'grammar', not both" in both["message"]
 
 
-def test_a_prompts_request_matches_outputs_test_prompts(cli, workspace: Path, session: Session) -> None:
+def test_a_prompts_request_matches_outputs_test_prompts(cli, workspace: Path, workspace_session: Session) -> None:
     words = ("library", "river")  # outputs-test-prompts takes them in file-name order
     code, _, err = cli(workspace, "outputs-test-prompts", "-n", "3", "--max-tokens", "6", "--seed", "5")
     assert code == 0, err
@@ -397,17 +383,17 @@ def test_a_prompts_request_matches_outputs_test_prompts(cli, workspace: Path, se
              for w in words]
     line = request(prelude_id="dictionary", prelude=PRELUDE, prompts=[prompt_for(w) for w in words],
                    number_of_random_outputs=3, inference_parameters={"seed": 5})
-    assert answer(session, line) == files
-    assert answer(session, line) == files, "the same request gives the same outputs"
+    assert answer(workspace_session, line) == files
+    assert answer(workspace_session, line) == files, "the same request gives the same outputs"
 
 
-def test_prompts_are_checked(session: Session) -> None:
+def test_prompts_are_checked(workspace_session: Session) -> None:
     for arguments, expected in [({"prompts": []}, "at least 1 item"),
                                 ({"prompts": ["a", 3]}, "'prompts.1'"),
                                 ({"prompt": "a", "prompts": ["b"]}, "not both"),
                                 ({}, "missing required argument 'prompt' (or 'prompts'"),
                                 ({"prompts": ["a"] * 20, "number_of_random_outputs": 20}, "more than 256")]:
-        response = session.handle_request(request(prelude_id="d", prelude=PRELUDE, **arguments))
+        response = workspace_session.handle_request(request(prelude_id="d", prelude=PRELUDE, **arguments))
         assert response["status"] == "SystemError" and expected in response["message"]
 
 

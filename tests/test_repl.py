@@ -140,16 +140,16 @@ def test_second_request_with_the_same_id_does_not_recompute(session: Session) ->
     line = request("single_prompt", prelude_id="dict", prelude=PRELUDE, prompt=prompt_for("river"))
     counters = session.backend.counters
     ok_value(session, line)
-    assert session.last_source == "computed"
+    assert session.backend.counters.sources[-1] == "computed"
     assert counters.preludes_computed == 1
     computed = counters.prelude_tokens_computed
     ok_value(session, line)
-    assert session.last_source == "memory"
+    assert session.backend.counters.sources[-1] == "memory"
     assert (counters.preludes_computed, counters.prelude_tokens_computed) == (1, computed)
     # another prelude in between: the first comes back from the RAM cache, not the disk
     ok_value(session, request("single_prompt", prelude_id="other", prelude="Q: colours\n", prompt="A:"))
     ok_value(session, line)
-    assert session.last_source == "cache"
+    assert session.backend.counters.sources[-1] == "cache"
     assert (counters.preludes_computed, session.backend.cache.disk_reads) == (2, 0)
 
 

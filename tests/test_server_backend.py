@@ -20,7 +20,7 @@ from cached_prompts.server.backend import ServerBackend
 from cached_prompts.server.index import tokens_digest
 
 from .conftest import CHATML_SYSTEM, age_tree, prompt_for, write
-from .server_fixtures import LlamaServer, llama_servers  # noqa: F401  (the fixture)
+from .server_fixtures import LlamaServer
 
 SHORT = ("--max-tokens", "4")
 

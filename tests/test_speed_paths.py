@@ -1,4 +1,4 @@
-"""The speed paths of issue #4 on the real engine: several prompts' outputs decoded together,
+"""The speed paths on the real engine: several prompts' outputs decoded together,
 longest-prefix reuse, the q8_0 KV type and the size of cache entries. No timing here: the
 benchmark (bench/bench.py) measures speed; this checks what it must not break."""
 
@@ -79,7 +79,7 @@ def test_waves_respect_the_sequences_and_the_free_cells(make_runner, monkeypatch
     prompts = [runner.joint_tokens(PRELUDE, prompt_for(word)) for word in WORDS]
     seeds = [[1, 2, 3, 4, 5, 5]] * 3  # a repeated seed is generated once
     request = GenerationRequest(prelude, [PromptJob(full, s) for full, s in zip(prompts, seeds)], SAMPLED, "p")
-    waves = runner._plan_waves(request, [100] * 3)
+    waves = runner.plan_waves(request, [100] * 3)
     sizes = [sum(len(chunk) for _, chunk in wave) for wave in waves]
     assert max(sizes) <= 8 and sum(sizes) == 15
     for wave in waves:

@@ -38,16 +38,19 @@ def test_test_prompt_outputs_and_freshness(cli, workspace: Path) -> None:
     age_tree(workspace)
     before = mtimes(outputs)
 
-    cli(workspace, "outputs-test-prompts", "-n", "2", "--max-tokens", "3")
+    code, _, err = cli(workspace, "outputs-test-prompts", "-n", "2", "--max-tokens", "3")
+    assert code == 0 and "3 up to date" in err
     assert mtimes(outputs) == before, "a rerun must regenerate nothing"
 
     (workspace / "preludes" / "dictionary-long.txt").touch()
-    cli(workspace, "outputs-test-prompts", "-n", "2", "--max-tokens", "3")
+    code, _, _ = cli(workspace, "outputs-test-prompts", "-n", "2", "--max-tokens", "3")
+    assert code == 0
     after = mtimes(outputs)
     changed = sorted(name for name in after if after[name] != before[name])
     assert changed == ["dictionary-long---umbrella.output-0.txt", "dictionary-long---umbrella.output-1.txt"]
 
-    cli(workspace, "outputs-test-prompts", "-n", "2", "--max-tokens", "3", "-f")
+    code, _, _ = cli(workspace, "outputs-test-prompts", "-n", "2", "--max-tokens", "3", "-f")
+    assert code == 0
     forced = mtimes(outputs)
     assert all(forced[name] != after[name] for name in forced)
 

@@ -15,7 +15,7 @@ tests/test_layers.py enforces it):
     backend/                   the Backend interface and its request/answer types
     cache/                     the on-disk store of prelude states
     local/, server/            the two kinds of backend: llama.cpp in-process, HTTP servers
-    workspace/                 the workspace's folders, output records, freshness
+    workspace/                 the workspace's folders, output sets and their freshness, records
     method/                    chat formats, promote, scoring, init, structured-output constraints
     commands/                  the workspace commands as library functions
     repl/, report/             the JSON service; the HTML report
@@ -35,13 +35,14 @@ from cached_prompts.errors import CachedPromptsError
 from cached_prompts.options import EngineOptions, SamplingOptions, ServerOptions
 from cached_prompts.version import __version__
 from cached_prompts.workspace.layout import Workspace
+from cached_prompts.workspace.outputs import OutputSet
 
 __all__ = [
     "__version__",
     "Backend", "BackendKind", "Completion", "GenerationRequest", "PreludeKind", "PreludeSource", "PromptJob",
     "CachedPromptsError",
     "EngineOptions", "SamplingOptions", "ServerOptions",
-    "Workspace",
+    "Workspace", "OutputSet",
     "LocalBackend", "ServerBackend", "open_backend",
 ]
 

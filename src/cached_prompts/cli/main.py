@@ -278,7 +278,8 @@ def run_command(args: argparse.Namespace) -> int:
 def _dispatch(args: argparse.Namespace, workspace: Workspace, backend: Backend, sampling: SamplingOptions, *,
               refresh_report: bool = False) -> int:
     if args.command == "report":
-        _write_report(args, workspace, backend, [])
+        # No run's options to judge the recipes by: outputs are judged by time and model.
+        _write_report(args, workspace, backend, None, [])
         return 0
     if args.command == "show-stats-on-tokens-number":
         stats = token_stats.token_stats(workspace, backend)
@@ -299,17 +300,17 @@ def _dispatch(args: argparse.Namespace, workspace: Workspace, backend: Backend, 
         log.info("outputs: %d written; inputs: %d up to date, %d skipped",
                  len(report.written), len(report.up_to_date), len(report.skipped))
         if refresh_report:
-            _write_report(args, workspace, backend, report.skipped, run_id=report.run_id)
+            _write_report(args, workspace, backend, sampling, report.skipped, run_id=report.run_id)
     return 1 if report.skipped else 0
 
 
-def _write_report(args: argparse.Namespace, workspace: Workspace, backend: Backend,
+def _write_report(args: argparse.Namespace, workspace: Workspace, backend: Backend, sampling: SamplingOptions | None,
                   skipped: list[tuple[Path, str]], run_id: str | None = None) -> None:
     from cached_prompts.report import page as report_page
 
     output = getattr(args, "output", None)
     path = report_page.refresh_report(workspace, backend, output.resolve() if output else None,
-                                      run_id=run_id, skipped=skipped)
+                                      sampling=sampling, run_id=run_id, skipped=skipped)
     if args.command == "report":
         print(path)
         if args.open:

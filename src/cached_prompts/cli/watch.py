@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, workspace: Workspace, sampling: SamplingOption
         if args.host != LOOPBACK:
             log.warning("the live report listens on %s: whoever can reach this machine there can read this "
                         "workspace's prompts and outputs; use --host only on a network you trust", args.host)
-        live = LiveReport(workspace, backend)  # on this thread, which alone may count tokens
+        live = LiveReport(workspace, backend, sampling)  # on this thread, which alone may count tokens
         server = LiveServer(live, args.host, args.port)
         server.start()
         try:

@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from cached_prompts.backend.interface import Backend, BackendKind, Completion, GenerationRequest, PreludeKind, PreludeSource, PromptJob
+from cached_prompts.backend.interface import Backend, Completion, GenerationRequest, PreludeKind, PreludeSource, PromptJob
 from cached_prompts.errors import ContextOverflowError, IncompleteOutputsError, InputFileError
-from cached_prompts.workspace.freshness import StaleReason, judge
 from cached_prompts.options import SamplingOptions, derive_seed
 from cached_prompts.commands.progress import Progress
 from cached_prompts.commands.run_events import QUIET, InputStamp, RunObserver
 from cached_prompts.workspace.records import OutputRecord, new_run_id, utc_now, write_records
-from cached_prompts.method.constraints import freshness_inputs, load_constraint
+from cached_prompts.method.constraints import load_constraint
+from cached_prompts.workspace.outputs import ModelIdentity, OutputKey, OutputSet, StaleReason
+from cached_prompts.workspace.recipe import Recipe
 from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, read_input_text,
                         remove_stale_output_temp_files, write_output)
 
@@ -42,44 +43,48 @@ class RunReport:
         self.skipped.append((path, str(error)))
 
 
-def output_keys(n: int, deterministic: bool) -> list[int | str]:
+def output_keys(n: int, deterministic: bool) -> list[OutputKey]:
     return [DETERMINISTIC] if deterministic else list(range(n))
 
 
-def seeds_for(keys: list[int | str], sampling: SamplingOptions) -> list[int | None]:
+def seeds_for(keys: list[OutputKey], sampling: SamplingOptions) -> list[int | None]:
     """Greedy for the deterministic output, else the seed derived from the base seed and K."""
     if sampling.greedy:
         return [None] * len(keys)
     return [None if key == DETERMINISTIC else derive_seed(sampling.seed, int(key)) for key in keys]
 
 
-class Freshness:
-    """Which outputs a run makes again (freshness.judge), warning once when the reason is
-    that another model made them."""
+class StaleOutputs:
+    """Which output sets a run makes again (OutputSet.judge with this run's model and options),
+    warning once per reason that is not the files' age: another model made them, or other
+    options did (naming each option that changed)."""
 
-    def __init__(self, backend: Backend) -> None:
-        self._model_id = backend.model_id
-        self._this_run = _model_described(backend.kind.value, backend.model_name, backend.model_id)
-        self._warned = False
+    def __init__(self, backend: Backend, sampling: SamplingOptions) -> None:
+        self._model = ModelIdentity.of_backend(backend)
+        self._sampling = sampling
+        self._said: set[str] = set()
 
-    def stale(self, outputs: list[Path], inputs: list[Path]) -> bool:
-        """True if any of `outputs` is stale; raises InputFileError where one cannot be written."""
-        verdicts = [judge(output, inputs, self._model_id) for output in outputs]
-        other_model = next((v for v in verdicts if v and v.reason is StaleReason.OTHER_MODEL), None)
-        if other_model is not None and not self._warned:
-            self._warned = True
-            record = other_model.record
-            log.warning("outputs such as %s were made by %s, this run uses %s: they are made again",
-                        outputs[verdicts.index(other_model)].name,
-                        _model_described(record.backend, record.model, record.model_id), self._this_run)
-        return any(verdicts)
+    def stale(self, outputs: OutputSet) -> bool:
+        """True if any output of the set is missing or stale; raises InputFileError where one
+        cannot be written or the sidecar is unusable."""
+        verdict = outputs.judge(self._sampling, self._model.model_id)
+        verdict.check_writable()
+        other_model = verdict.first(StaleReason.OTHER_MODEL)
+        if other_model is not None and other_model.record is not None:
+            self._say("model", "outputs such as %s were made by %s, this run uses %s: they are made again",
+                      other_model.path.name, ModelIdentity.of_record(other_model.record).describe(),
+                      self._model.describe())
+        other_recipe = verdict.first(StaleReason.OTHER_RECIPE)
+        if other_recipe is not None:
+            changes = other_recipe.changes_described()
+            self._say(changes, "outputs such as %s were made with other options (%s): they are made again",
+                      other_recipe.path.name, changes)
+        return verdict.stale
 
-
-def _model_described(backend: str, name: str, model_id: str) -> str:
-    """A model as the freshness warning names it: the same file name can stand for another
-    file, or for a server's model, so the backend and the identity are said too."""
-    identity = f"SHA-256 {model_id[:12]}" if backend == BackendKind.LOCAL.value else f"model id {model_id}"
-    return f"the model {name} ({backend}, {identity})"
+    def _say(self, topic: str, message: str, *args: object) -> None:
+        if topic not in self._said:
+            self._said.add(topic)
+            log.warning(message, *args)
 
 
 class PreludeTexts:
@@ -101,13 +106,22 @@ class PreludeTexts:
 
 @dataclass
 class _Input:
-    """One draft or test prompt to answer: its joint tokens and where its outputs go."""
+    """One draft or test prompt to answer: its joint tokens and its outputs."""
 
-    path: Path
+    output_set: OutputSet
     full: list[int]
-    outputs: list[Path]
-    grammar: str | None = None  # from its schema or grammar sidecar (structured.py)
+    recipes: dict[str, Recipe]  # of each output, for its record
+    grammar: str | None = None  # from its schema or grammar sidecar (method/constraints.py)
     seen: InputStamp = InputStamp()  # its inputs before they were read (run_events.InputStamp)
+
+    @property
+    def path(self) -> Path:
+        return self.output_set.source
+
+    @property
+    def outputs(self) -> list[Path]:
+        """Where its outputs go, in the order of the keys (and of each job's seeds)."""
+        return list(self.output_set.outputs.values())
 
 
 def precache_preludes(workspace: Workspace, backend: Backend) -> RunReport:
@@ -139,30 +153,31 @@ def outputs_for_drafts(workspace: Workspace, backend: Backend, sampling: Samplin
     report = RunReport(observer=observer)
     remove_stale_output_temp_files(workspace)
     keys = output_keys(n, False)
-    fresh = Freshness(backend)
+    judge = StaleOutputs(backend, sampling)
     todo = []
     for draft in workspace.drafts():
-        outputs = [workspace.draft_output(draft, key) for key in keys]
+        outputs = OutputSet.for_draft(workspace, draft, keys)
         try:
-            is_stale = fresh.stale(outputs, freshness_inputs(draft)) or force  # checks the outputs too
+            is_stale = judge.stale(outputs) or force  # checks that the outputs can be written too
         except SKIPPABLE as error:
             report.skip(draft, error)
             continue
         if is_stale:
-            todo.append((draft, outputs))
+            todo.append(outputs)
         else:
             report.up_to_date.append(draft)
     progress = Progress(len(todo))
-    for draft, outputs in todo:
+    for outputs in todo:
+        draft = outputs.source
         try:
-            seen = InputStamp.take(freshness_inputs(draft))
+            seen = InputStamp.take(outputs.inputs())
             tokens = backend.prelude_tokens(read_input_text(draft), f"{DRAFTS}/{draft.name}")
-            grammar = load_constraint(draft, backend)
+            item = _Input(outputs, tokens, outputs.recipes(sampling), load_constraint(draft, backend), seen)
         except SKIPPABLE as error:
             report.skip(draft, error)
             progress.finish_item()
             continue
-        _generate(backend, progress, f"{DRAFTS}/{draft.name}", tokens, [_Input(draft, tokens, outputs, grammar, seen)],
+        _generate(backend, progress, f"{DRAFTS}/{draft.name}", tokens, [item],
                   sampling, keys, label=f"draft {draft.stem}", kind=PreludeKind.DRAFT, report=report)
     return report
 
@@ -173,37 +188,35 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
     report = RunReport(observer=observer)
     remove_stale_output_temp_files(workspace)
     keys = output_keys(n, deterministic)
-    fresh = Freshness(backend)
-    todo = []
+    judge = StaleOutputs(backend, sampling)
+    todo: list[OutputSet] = []
     for path in workspace.test_prompt_files():
         try:
-            prompt = workspace.test_prompt(path)
-            outputs = [workspace.prompt_output(path, key) for key in keys]
-            is_stale = fresh.stale(outputs, [*freshness_inputs(path), prompt.prelude_path]) or force
+            outputs = OutputSet.for_test_prompt(workspace, path, keys)
+            is_stale = judge.stale(outputs) or force
         except SKIPPABLE as error:
             report.skip(path, error)
             continue
         if is_stale:
-            todo.append((prompt, outputs))
+            todo.append(outputs)
         else:
             report.up_to_date.append(path)
-    todo.sort(key=lambda item: (item[0].prelude_path.name, item[0].path.name))
+    todo.sort(key=lambda outputs: (outputs.prelude.name, outputs.source.name))
     preludes = PreludeTexts(backend)
     progress = Progress(len(todo))
-    for prelude_path, group in groupby(todo, key=lambda item: item[0].prelude_path):
+    for prelude_path, group in groupby(todo, key=lambda outputs: outputs.prelude):
         ready: list[_Input] = []
-        for prompt, outputs in group:
+        for outputs in group:
             try:
                 prelude_text, prelude = preludes(prelude_path)
-                seen = preludes.stamps[prelude_path] + InputStamp.take(freshness_inputs(prompt.path))
-                full = backend.joint_tokens(prelude_text, read_input_text(prompt.path))
+                seen = preludes.stamps[prelude_path] + InputStamp.take(outputs.own_inputs())
+                full = backend.joint_tokens(prelude_text, read_input_text(outputs.source))
                 backend.check_fits(prelude, full)
-                grammar = load_constraint(prompt.path, backend)
+                ready.append(_Input(outputs, full, outputs.recipes(sampling), load_constraint(outputs.source, backend),
+                                    seen))
             except SKIPPABLE as error:
-                report.skip(prompt.path, error)
+                report.skip(outputs.source, error)
                 progress.finish_item()
-                continue
-            ready.append(_Input(prompt.path, full, outputs, grammar, seen))
         if not ready:
             continue
         prelude = preludes(prelude_path)[1]
@@ -219,7 +232,7 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
 
 
 def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int], batch: list[_Input],
-              sampling: SamplingOptions, keys: list[int | str], *, label: str, kind: PreludeKind,
+              sampling: SamplingOptions, keys: list[OutputKey], *, label: str, kind: PreludeKind,
               report: RunReport) -> None:
     """All outputs of the inputs in `batch` together: outputs decoded side by side depend on
     each other's batch, so they are regenerated as a set to stay reproducible. If they do not
@@ -270,7 +283,7 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
         _write_outputs(item, item_completions, made, report)
 
 
-def _describe(n_inputs: int, keys: list[int | str]) -> str:
+def _describe(n_inputs: int, keys: list[OutputKey]) -> str:
     if keys == [DETERMINISTIC]:
         return "greedy output" if n_inputs == 1 else f"{n_inputs} greedy outputs"
     if n_inputs == 1:
@@ -280,7 +293,7 @@ def _describe(n_inputs: int, keys: list[int | str]) -> str:
 
 @dataclass
 class _Made:
-    """What made a set of outputs, for their records (run_records.py)."""
+    """What made a set of outputs, for their records (workspace/records.py)."""
 
     backend: Backend
     sampling: SamplingOptions
@@ -289,14 +302,15 @@ class _Made:
     prelude_tokens: int
     prompt_tokens: int
 
-    def record(self, completion: Completion) -> OutputRecord:
+    def record(self, completion: Completion, recipe: Recipe) -> OutputRecord:
         sampling = self.sampling if completion.seed is not None else self.sampling.as_greedy()
         return OutputRecord(model=self.backend.model_name, model_id=self.backend.model_id,
                             backend=self.backend.kind.value, sampling=sampling.model_dump(),
                             seed=completion.seed, created=utc_now(), run_id=self.run_id,
                             generated_tokens=completion.tokens, seconds=round(self.seconds, 3),
                             prelude_tokens=self.prelude_tokens, prompt_tokens=self.prompt_tokens,
-                            n_ctx=self.backend.n_ctx, stop_reason=completion.stop_reason)
+                            n_ctx=self.backend.n_ctx, stop_reason=completion.stop_reason,
+                            recipe=recipe.to_json())
 
 
 def _write_outputs(item: _Input, completions: list[Completion], made: _Made, report: RunReport) -> None:
@@ -311,5 +325,6 @@ def _write_outputs(item: _Input, completions: list[Completion], made: _Made, rep
     for path, completion in zip(item.outputs, completions):
         write_output(path, completion.text)
         report.written.append(path)
-    write_records((path, made.record(c)) for path, c in zip(item.outputs, completions))
+    write_records((path, made.record(c, item.recipes[key]))
+                  for (key, path), c in zip(item.output_set.outputs.items(), completions))
     report.observer.written(item.outputs)

@@ -16,6 +16,7 @@ from pathlib import Path
 from cached_prompts.backend.interface import Backend
 from cached_prompts.errors import InputFileError
 from cached_prompts.workspace.layout import DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS, TEST_PROMPTS_OUTPUTS, Workspace, read_input_text
+from cached_prompts.workspace.outputs import OutputSet
 
 
 @dataclass
@@ -50,7 +51,7 @@ def token_stats(workspace: Workspace, backend: Backend) -> TokenStats:
     for path in workspace.drafts():
         item, text = _read_counted(path, count)
         if text is not None:
-            item.outputs = _outputs(workspace, DRAFTS_OUTPUTS, path, text, item.tokens, count)
+            item.outputs = _outputs(OutputSet.for_draft(workspace, path), text, item.tokens, count)
         folders[DRAFTS].append(item)
     for path in workspace.preludes():
         item, text = _read_counted(path, count)
@@ -61,16 +62,16 @@ def token_stats(workspace: Workspace, backend: Backend) -> TokenStats:
         item, text = _read_counted(path, lambda t: backend.count_tokens(t, at_start=False))
         folders[TEST_PROMPTS].append(item)
         try:
-            prelude_path = workspace.test_prompt(path).prelude_path
+            outputs = OutputSet.for_test_prompt(workspace, path)
         except InputFileError as error:
             item.problem = str(error)
             continue
-        if text is None or prelude_path not in preludes:
+        if text is None or outputs.prelude not in preludes:
             continue
-        prelude_text, prelude_count = preludes[prelude_path]
-        item.prelude = (prelude_path.name, prelude_count)
+        prelude_text, prelude_count = preludes[outputs.prelude]
+        item.prelude = (outputs.prelude.name, prelude_count)
         item.together = count(prelude_text + text)
-        item.outputs = _outputs(workspace, TEST_PROMPTS_OUTPUTS, path, prelude_text + text, item.together, count)
+        item.outputs = _outputs(outputs, prelude_text + text, item.together, count)
     return TokenStats(backend.n_ctx, folders)
 
 
@@ -82,11 +83,11 @@ def _read_counted(path: Path, count: Callable[[str], int]) -> tuple[FileTokens, 
     return FileTokens(path.name, count(text)), text
 
 
-def _outputs(workspace: Workspace, folder: str, source: Path, text_before: str, tokens_before: int,
+def _outputs(output_set: OutputSet, text_before: str, tokens_before: int,
              count: Callable[[str], int]) -> list[tuple[str, int]]:
     """(name, tokens the output adds after `text_before`) of each existing output."""
     outputs = []
-    for output in workspace.existing_outputs(folder, source):
+    for output in output_set.existing().values():
         try:
             text = read_input_text(output)
         except InputFileError:

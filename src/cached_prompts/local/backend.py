@@ -180,7 +180,7 @@ class LocalBackend(Backend):
                 wave = [(index, [None])]
                 outputs[index][None] = self._run_checked_wave(request, wave, budgets, counting,
                                                               _wave_text(request, wave, on_text))[0][0]
-        for wave in self._plan_waves(request, budgets):
+        for wave in self.plan_waves(request, budgets):
             completed = self._run_checked_wave(request, wave, budgets, counting, _wave_text(request, wave, on_text))
             for (index, _), completions in zip(wave, completed):
                 outputs[index].update((c.seed, c) for c in completions)
@@ -193,9 +193,10 @@ class LocalBackend(Backend):
         reused = reusable_length(prelude, full)
         return reused if reused >= self.model.architecture.shortest_cut(len(prelude) - 1) else 0
 
-    def _plan_waves(self, request: GenerationRequest, budgets: list[int]) -> list[Wave]:
+    def plan_waves(self, request: GenerationRequest, budgets: list[int]) -> list[Wave]:
         """The distinct sampled seeds of every job, packed in job order into waves that fit
-        `n_parallel` sequences and the context's KV cells (the prelude's are shared)."""
+        `n_parallel` sequences and the context's KV cells (the prelude's are shared); each
+        wave is one decode loop. `budgets`: the most tokens per answer of each job."""
         waves: list[Wave] = []
         prelude = request.prelude
         free_cells = self.n_ctx - (len(prelude) - 1)

@@ -1,7 +1,7 @@
 """Structured outputs: a JSON schema or a GBNF grammar that every output of a prompt matches.
 
 A draft or test prompt `NAME.txt` may have a sidecar next to it, `NAME.schema.json` (a JSON
-schema) or `NAME.gbnf` (a grammar); the REPL's `single_prompt` takes `json_schema` or
+schema) or `NAME.gbnf` (a grammar; where it is and its bytes: workspace/sidecars.py); the REPL's `single_prompt` takes `json_schema` or
 `grammar`. A schema becomes GBNF with llama-cpp-python's converter; the grammar then goes to
 llama.cpp's grammar sampler (engine.SamplerChain), which lets only tokens the grammar allows
 be sampled. The backend checks a grammar before any decoding (`Backend.check_grammar`), so a
@@ -14,21 +14,17 @@ large enough to blow the grammar up.
 
 from __future__ import annotations
 
-import enum
 import json
-import os
 import re
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cached_prompts.backend.interface import Backend
 from cached_prompts.errors import ConstraintError
-from cached_prompts.fs.regular import kind_of, read_regular
 from cached_prompts.local.grammar import schema_to_gbnf
+from cached_prompts.workspace.sidecars import ConstraintKind, read_sidecar, shown, sidecar_of
 
-MAX_SIDECAR_BYTES = 256 * 1024
 MAX_GRAMMAR_BYTES = 1 << 20
 # minItems, maxLength, {n,m} ... : the converter writes each repetition out, so a huge bound
 # would make a huge grammar (and take the memory to build it).
@@ -38,51 +34,12 @@ _REPETITION_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProper
 _PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
-class ConstraintKind(str, enum.Enum):
-    SCHEMA = ".schema.json"
-    GRAMMAR = ".gbnf"
-
-
-def shown(path: Path) -> str:
-    """A workspace file as messages name it: `test_prompts/A---x.schema.json`."""
-    return f"{path.parent.name}/{path.name}"
-
-
-# ----- sidecars --------------------------------------------------------------------------------
-
-
-def sidecar_of(input_path: Path) -> Path | None:
-    """The schema or grammar sidecar of a draft or test prompt, if it has one. Raises
-    ConstraintError if it has both, or if one is a link, folder or other non-file."""
-    found = [input_path.with_name(input_path.stem + kind.value) for kind in ConstraintKind]
-    found = [path for path in found if os.path.lexists(path)]
-    if len(found) > 1:
-        raise ConstraintError(f"{shown(input_path)} has both {found[0].name} and {found[1].name}; "
-                              "keep one of them")
-    if not found:
-        return None
-    mode = os.lstat(found[0]).st_mode
-    if not stat.S_ISREG(mode):
-        what = "a symbolic link" if stat.S_ISLNK(mode) else kind_of(mode)
-        raise ConstraintError(f"{shown(found[0])} is {what}, not a file; put the schema or grammar itself there")
-    return found[0]
-
-
-def freshness_inputs(input_path: Path) -> list[Path]:
-    """What a draft's or test prompt's own outputs depend on: the file and its sidecar."""
-    sidecar = sidecar_of(input_path)
-    return [input_path] if sidecar is None else [input_path, sidecar]
-
-
 def load_constraint(input_path: Path, backend: Backend) -> str | None:
     """The checked grammar that the outputs of `input_path` must match, or None."""
     sidecar = sidecar_of(input_path)
     if sidecar is None:
         return None
-    try:
-        data, _ = read_regular(sidecar, MAX_SIDECAR_BYTES)
-    except OSError as error:
-        raise ConstraintError(f"cannot read {shown(sidecar)}: {error.strerror or error}") from None
+    data = read_sidecar(sidecar)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -14,6 +14,7 @@ from pathlib import Path
 from cached_prompts.method.chat_format import ChatFormatKind, detect
 from cached_prompts.errors import InputFileError
 from cached_prompts.workspace.layout import DRAFTS, DRAFTS_OUTPUTS, PRELUDE_SEPARATOR, PRELUDES, Workspace, read_input_text, write_output
+from cached_prompts.workspace.outputs import OutputSet, StaleReason, judge_output
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,14 @@ def promote(workspace: Workspace, draft: str, k: int, *, name: str | None = None
     draft_path = _draft_path(workspace, draft)
     if k < 0:
         raise InputFileError(f"K = {k}: output numbers start at 0")
-    output_path = workspace.draft_output(draft_path, k)
+    outputs = OutputSet.for_draft(workspace, draft_path)
+    output_path = outputs.path(k)
     if not output_path.is_file():
-        raise InputFileError(_missing_output(workspace, draft_path, output_path, k))
+        raise InputFileError(_missing_output(outputs, output_path, k))
     target = workspace.folder(PRELUDES) / f"{_prelude_name(name if name is not None else draft_path.stem)}.txt"
     _check_target(target, force)
     draft_text, answer = read_input_text(draft_path), read_input_text(output_path)
-    if output_path.stat().st_mtime_ns < draft_path.stat().st_mtime_ns:
+    if judge_output(str(k), output_path, [draft_path], None, None).reason is StaleReason.OLDER:
         log.warning("%s/%s is older than the draft: it answers an earlier version of it",
                     DRAFTS_OUTPUTS, output_path.name)
     chat = detect(draft_text)
@@ -67,8 +69,8 @@ def _draft_path(workspace: Workspace, draft: str) -> Path:
     return path
 
 
-def _missing_output(workspace: Workspace, draft: Path, output: Path, k: int) -> str:
-    existing = [p.name for p in workspace.existing_outputs(DRAFTS_OUTPUTS, draft)]
+def _missing_output(outputs: OutputSet, output: Path, k: int) -> str:
+    existing = [p.name for p in outputs.existing().values()]
     have = f"it has {', '.join(existing)}" if existing else "it has none yet"
     return (f"{DRAFTS_OUTPUTS}/{output.name} does not exist ({have}); run outputs-for-drafts "
             f"(-n {k + 1} or more) first")

@@ -53,7 +53,6 @@ class Session:
         self.backend = backend
         self.defaults = defaults
         self.finished = False
-        self.last_source = ""  # where the last request's prelude state came from (for tests)
         self.requests_batched = 0  # single_prompt lines decoded with others (--batch-waiting)
         self._commands: dict[str, tuple[type[protocol.Arguments], Callable[[Any], Any]]] = {
             "single_prompt": (protocol.SinglePromptArguments, self._single_prompt),
@@ -129,7 +128,6 @@ class Session:
 
     def answer(self, plan: PromptPlan, completions: list[list[Completion]]) -> list[str] | list[list[str]]:
         """The value of a planned single_prompt, from its jobs' completions."""
-        self.last_source = self.backend.counters.sources[-1]
         self.backend.keep_prelude(plan.prelude_id, plan.prelude, PreludeKind.EXTERNAL)
         texts = [[c.text for c in job_completions] for job_completions in completions]
         return texts if plan.several else texts[0]
@@ -141,7 +139,6 @@ class Session:
         tokens = self._prelude_tokens(args.prelude_id, args.prelude)
         load = self.backend.prepare_prelude(tokens, args.prelude_id, kind=PreludeKind.EXTERNAL)
         self.backend.keep_prelude(args.prelude_id, tokens, PreludeKind.EXTERNAL)
-        self.last_source = load.source.value
         return {"prelude_id": args.prelude_id, "tokens": len(tokens), "source": load.source.value}
 
     def _list_preludes(self, args: protocol.NoArguments) -> list[dict[str, Any]]:

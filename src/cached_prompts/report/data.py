@@ -6,7 +6,6 @@ Nothing here writes or renders; `report.py` turns a ReportData into HTML.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -14,30 +13,19 @@ from functools import cached_property
 from pathlib import Path
 
 from cached_prompts.errors import InputFileError
-from cached_prompts.workspace.freshness import judge
 from cached_prompts.fs.regular import NotRegularFileError, read_regular
-from cached_prompts.workspace.records import OutputRecord, read_record, utc_now
 from cached_prompts.method.scoring import ShownAnswer, read_scores
-from cached_prompts.method.constraints import freshness_inputs
-from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS, TEST_PROMPTS_OUTPUTS,
-                        Workspace)
+from cached_prompts.options import SamplingOptions
+from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS,
+                                             TEST_PROMPTS_OUTPUTS, Workspace)
+from cached_prompts.workspace.outputs import InputKind, OutputSet, OutputState, Verdict, judge_output, key_order
+from cached_prompts.workspace.records import OutputRecord, utc_now
 
 # Largest file shown (4 MiB: a 128k-token prelude takes about 0.5 MiB).
 MAX_SHOWN_BYTES = 4 << 20
 _OUTPUT_NAME = re.compile(r"(?P<stem>.+)\.output-(?P<key>[^.]+)\.txt")
 
 TokenCounter = Callable[[str, bool], "int | None"]  # None: not known (the live page, before counting)
-
-
-class OutputState(enum.Enum):
-    FRESH = "fresh"
-    STALE = "stale"      # older than one of its inputs, or made by another model
-    MISSING = "missing"  # a run would make it, it does not exist
-
-
-class InputKind(enum.Enum):
-    DRAFT = "draft"
-    TEST_PROMPT = "test prompt"
 
 
 @dataclass
@@ -158,61 +146,52 @@ def _by_name(path: Path) -> str:
     return path.stem
 
 
-def _output_key(output: Path, stem: str) -> str:
-    return output.name[len(stem) + len(".output-"):-len(".txt")]
-
-
-def _key_order(key: str) -> tuple[int, int, str]:
-    """The deterministic output first, then 0, 1, 2, ... as numbers, then anything else."""
-    if key == DETERMINISTIC:
-        return (0, 0, "")
-    if key.isdigit():
-        return (1, int(key), "")
-    return (2, 0, key)
-
-
 # ----- collecting ----------------------------------------------------------------------------
 
 
 class _Collector:
     def __init__(self, workspace: Workspace, count_tokens: TokenCounter | None, n_ctx: int | None,
-                 model_id: str | None) -> None:
+                 model_id: str | None, sampling: SamplingOptions | None) -> None:
         self.workspace = workspace
         self.count_tokens = count_tokens
         self.n_ctx = n_ctx
         self.model_id = model_id
+        self.sampling = sampling
 
     def input_file(self, folder: str, path: Path, at_start: bool) -> FileText:
         file = read_shown(path, f"{folder}/{path.name}", follow_symlinks=True)
         _count(file, self.count_tokens, at_start)
         return file
 
-    def outputs(self, item: InputView, folder: str, source: Path, inputs: list[Path],
-                expected: Iterable[str]) -> None:
-        found = {_output_key(p, source.stem): p for p in self.workspace.existing_outputs(folder, source)}
-        keys = set(found) | (set(expected) if not item.skipped else set())
-        for key in sorted(keys, key=_key_order):
-            path = found.get(key) or self.workspace.folder(folder) / f"{source.stem}.output-{key}.txt"
+    def outputs(self, item: InputView, outputs: OutputSet, expected: Iterable[str]) -> None:
+        """The outputs found, and those a run would make (`expected`) unless it skips the input;
+        each judged as the commands judge it (OutputSet.judge), with the reason."""
+        found = outputs.existing()
+        sidecar_ok = _check_sidecar(item, outputs)  # before the keys: a skipped input makes none
+        outputs = outputs.with_keys(sorted(set(found) | (set(expected) if not item.skipped else set()),
+                                           key=key_order))
+        verdicts = self.judged(outputs, sidecar_ok)
+        for key, path in outputs.outputs.items():
             if key not in found:
                 item.outputs.append(OutputView(path.name, key, OutputState.MISSING))
                 continue
-            file = read_shown(path, f"{folder}/{path.name}", follow_symlinks=False)
+            file = read_shown(path, f"{outputs.folder.name}/{path.name}", follow_symlinks=False)
             _count(file, self.count_tokens, False)
-            record = read_record(path)
-            why = self.why_stale(path, inputs, record)
-            item.outputs.append(OutputView(path.name, key, OutputState.STALE if why else OutputState.FRESH,
-                                           file, record, why))
+            verdict = verdicts[key]
+            item.outputs.append(OutputView(path.name, key, verdict.state, file, verdict.record,
+                                           "" if verdict.fresh else verdict.describe()))
         _fill_counts_from_records(item)
 
-    def why_stale(self, output: Path, inputs: list[Path], record: OutputRecord | None) -> str:
-        """As the commands judge it (freshness.judge), with the reason; '' if up to date."""
-        try:
-            verdict = judge(output, inputs, self.model_id, record=record)
-        except OSError:  # an input vanished meanwhile
-            return "older than its inputs"
-        except InputFileError as error:  # a folder where the output goes
-            return str(error)
-        return verdict.describe() if verdict else ""
+    def judged(self, outputs: OutputSet, sidecar_ok: bool) -> dict[str, Verdict]:
+        """The verdict per key. With an unusable sidecar the input is skipped, and its outputs
+        are judged by its other inputs."""
+        if sidecar_ok:
+            verdicts = outputs.judge(self.sampling, self.model_id).verdicts
+        else:
+            inputs = [outputs.source, *([outputs.prelude] if outputs.prelude else [])]
+            verdicts = tuple(judge_output(key, path, inputs, None, self.model_id)
+                             for key, path in outputs.outputs.items())
+        return {v.key: v for v in verdicts}
 
     def prompt_after_prelude(self, prompt: FileText, prelude: FileText) -> int | None:
         """The prompt's tokens as the model sees them after its prelude: the joint text's
@@ -256,22 +235,22 @@ def _problems_of_prelude_text(file: FileText) -> list[str]:
     return []
 
 
-def _expected_keys(sources: list[Path], workspace: Workspace, folder: str) -> list[str]:
+def _expected_keys(output_sets: list[OutputSet]) -> list[str]:
     """The outputs a run like the last ones would make for every input of a folder: output
     0..N-1 for the largest N any input has, and the deterministic one if any input has it;
     output 0 at least, so an input that has none is marked as missing it."""
-    keys: set[str] = set()
-    for source in sources:
-        keys.update(_output_key(p, source.stem) for p in workspace.existing_outputs(folder, source))
+    keys = {key for outputs in output_sets for key in outputs.existing()}
     numbers = [int(k) for k in keys if k.isdigit()]
     expected = [str(k) for k in range(max(numbers) + 1)] if numbers else ["0"]
     return expected + ([DETERMINISTIC] if DETERMINISTIC in keys else [])
 
 
 def collect(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: int | None,
-            model_id: str | None = None, run_id: str | None = None,
+            model_id: str | None = None, sampling: SamplingOptions | None = None, run_id: str | None = None,
             skipped: Iterable[tuple[Path, str]] = ()) -> ReportData:
-    collector = _Collector(workspace, count_tokens, n_ctx, model_id)
+    """What the page shows. Outputs are judged as a run with `sampling` by the model
+    `model_id` would judge them (either None: not judged by it)."""
+    collector = _Collector(workspace, count_tokens, n_ctx, model_id, sampling)
     drafts = _collect_drafts(collector)
     preludes, orphans = _collect_prompts(collector)
     data = ReportData(workspace.root.name, utc_now(), run_id, n_ctx, drafts, preludes, orphans, [],
@@ -281,16 +260,18 @@ def collect(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: i
 
 
 def _collect_drafts(collector: _Collector) -> list[InputView]:
-    sources = sorted(collector.workspace.drafts(), key=_by_name)
-    expected = _expected_keys(sources, collector.workspace, DRAFTS_OUTPUTS)
+    workspace = collector.workspace
+    sets = [OutputSet.for_draft(workspace, path) for path in sorted(workspace.drafts(), key=_by_name)]
+    expected = _expected_keys(sets)
     drafts = []
-    for path in sources:
+    for outputs in sets:
+        path = outputs.source
         file = collector.input_file(DRAFTS, path, at_start=True)
         item = InputView(InputKind.DRAFT, file, skipped=_problems_of_prelude_text(file),
                          prelude_tokens=file.tokens, prompt_tokens=0)
         if not item.skipped and (reason := collector.too_long(file)):
             item.skipped.append(reason)
-        collector.outputs(item, DRAFTS_OUTPUTS, path, _own_inputs(path, item), expected)
+        collector.outputs(item, outputs, expected)
         drafts.append(item)
     return drafts
 
@@ -304,32 +285,29 @@ def _collect_prompts(collector: _Collector) -> tuple[list[PreludeView], list[Inp
         if view.file.text is not None:
             view.scores = read_scores(workspace, path.name, view.file.text, collector.model_id)
         preludes[path] = view
-    sources = sorted(workspace.test_prompt_files(), key=_by_name)
-    expected = _expected_keys(sources, workspace, TEST_PROMPTS_OUTPUTS)
+    sets = [OutputSet.for_test_prompt(workspace, path, without_prelude=True)
+            for path in sorted(workspace.test_prompt_files(), key=_by_name)]
+    expected = _expected_keys(sets)
     orphans: list[InputView] = []
-    for path in sources:
-        file = collector.input_file(TEST_PROMPTS, path, at_start=False)
-        item = InputView(InputKind.TEST_PROMPT, file)
-        try:
-            prelude_path = workspace.test_prompt(path).prelude_path
-        except InputFileError as error:
-            item.skipped.append(str(error))
-            prelude_path = None
-        prelude = preludes.get(prelude_path) if prelude_path else None
+    for outputs in sets:
+        item = InputView(InputKind.TEST_PROMPT, collector.input_file(TEST_PROMPTS, outputs.source, at_start=False))
+        if outputs.problem:
+            item.skipped.append(outputs.problem)
+        prelude = preludes.get(outputs.prelude) if outputs.prelude else None
         _check_prompt(collector, item, prelude)
-        inputs = _own_inputs(path, item) + ([prelude_path] if prelude_path else [])
-        collector.outputs(item, TEST_PROMPTS_OUTPUTS, path, inputs, expected)
+        collector.outputs(item, outputs, expected)
         (prelude.prompts if prelude else orphans).append(item)
     return list(preludes.values()), orphans
 
 
-def _own_inputs(path: Path, item: InputView) -> list[Path]:
-    """The input and its schema or grammar sidecar; a bad sidecar makes the input skipped."""
+def _check_sidecar(item: InputView, outputs: OutputSet) -> bool:
+    """False if the input's schema or grammar sidecar is unusable: the input is then skipped."""
     try:
-        return freshness_inputs(path)
+        outputs.sidecar()
     except InputFileError as error:
         item.skipped.append(str(error))
-        return [path]
+        return False
+    return True
 
 
 def _check_prompt(collector: _Collector, item: InputView, prelude: PreludeView | None) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from cached_prompts.commands.watch import RoundResult, WatchListener
 from cached_prompts.report.page import TokenSource, build_report
+from cached_prompts.options import SamplingOptions
 from cached_prompts.workspace.layout import Workspace
 
 TEXT_EVERY_SECONDS = 0.1  # text and status go out at most this often
@@ -109,8 +110,9 @@ def _seconds(value: float) -> str:
 class LiveReport(WatchListener):
     """The watcher's listener that feeds the live page; thread-safe."""
 
-    def __init__(self, workspace: Workspace, backend: TokenSource) -> None:
+    def __init__(self, workspace: Workspace, backend: TokenSource, sampling: SamplingOptions | None = None) -> None:
         self.workspace = workspace
+        self.sampling = sampling  # the watcher's options: outputs made with others are stale
         self.counts = TokenCounts(backend)
         self._n_ctx, self._model_id = backend.n_ctx, backend.model_id
         self._lock = threading.Lock()
@@ -130,7 +132,7 @@ class LiveReport(WatchListener):
         with self._lock:
             skipped = list(self._skipped)
         return build_report(self.workspace, count_tokens=self.counts, n_ctx=self._n_ctx, model_id=self._model_id,
-                            skipped=skipped, live=True)
+                            sampling=self.sampling, skipped=skipped, live=True)
 
     # ----- the watcher's news (WatchListener) -----------------------------------------------------
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cached_prompts.fs.files import atomic_write_text
+from cached_prompts.options import SamplingOptions
 from cached_prompts.report.data import (FileText, InputKind, InputView, OutputState, OutputView, PreludeView, ReportData,
                           TokenCounter, collect)
 from cached_prompts.workspace.layout import Workspace
@@ -34,18 +35,20 @@ _SAMPLING_SHORT = (("temperature", "temp"), ("top_k", "top-k"), ("top_p", "top-p
 
 
 def build_report(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: int | None,
-                 model_id: str | None = None, run_id: str | None = None,
+                 model_id: str | None = None, sampling: SamplingOptions | None = None, run_id: str | None = None,
                  skipped: Iterable[tuple[Path, str]] = (), live: bool = False) -> str:
     """The report page of `workspace` as HTML text.
 
     count_tokens(text, at_start) counts tokens (at_start=True for a prelude or draft; it may
     answer None: not known); without it, counts come from the outputs' records where there are
-    some. An output whose record names another model than `model_id` is stale. `skipped` adds
-    the inputs a run skipped, with its reasons; `run_id` names the run the page is made for.
-    `live`: the page `watch` serves, which also runs live.js and may connect to its own server.
+    some. An output whose record names another model than `model_id`, or made with other
+    options than `sampling`, is stale (as the commands judge it: workspace/outputs.py).
+    `skipped` adds the inputs a run skipped, with its reasons; `run_id` names the run the page
+    is made for. `live`: the page `watch` serves, which also runs live.js and may connect to
+    its own server.
     """
-    data = collect(workspace, count_tokens=count_tokens, n_ctx=n_ctx, model_id=model_id, run_id=run_id,
-                   skipped=skipped)
+    data = collect(workspace, count_tokens=count_tokens, n_ctx=n_ctx, model_id=model_id, sampling=sampling,
+                   run_id=run_id, skipped=skipped)
     return render(data, live=live)
 
 
@@ -62,10 +65,13 @@ class TokenSource(Protocol):
 
 
 def refresh_report(workspace: Workspace, backend: TokenSource, path: Path | None = None, *,
-                   run_id: str | None = None, skipped: Iterable[tuple[Path, str]] = ()) -> Path:
-    """Build the page with the backend's token counts and write it; returns where."""
+                   sampling: SamplingOptions | None = None, run_id: str | None = None,
+                   skipped: Iterable[tuple[Path, str]] = ()) -> Path:
+    """Build the page with the backend's token counts and write it; returns where. Outputs
+    are judged as a run with `sampling` would judge them."""
     html = build_report(workspace, count_tokens=lambda text, at_start: backend.count_tokens(text, at_start=at_start),
-                        n_ctx=backend.n_ctx, model_id=backend.model_id, run_id=run_id, skipped=skipped)
+                        n_ctx=backend.n_ctx, model_id=backend.model_id, sampling=sampling, run_id=run_id,
+                        skipped=skipped)
     return write_report(workspace, path, html)
 
 

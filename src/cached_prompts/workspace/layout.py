@@ -1,9 +1,7 @@
-"""The workspace: its folders, input files, output file names and make-like freshness."""
+"""The workspace: its folders and input files (outputs and their freshness: outputs.py)."""
 
 from __future__ import annotations
 
-import os
-import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +9,7 @@ from typing import Any
 
 from cached_prompts.errors import InputFileError, OptionsError, WorkspaceError
 from cached_prompts.fs.files import atomic_write_text, remove_stale_temp_files
-from cached_prompts.fs.regular import kind_of, read_regular
+from cached_prompts.fs.regular import read_regular
 
 DRAFTS = "prelude_drafts"
 DRAFTS_OUTPUTS = "prelude_drafts_outputs"
@@ -101,22 +99,6 @@ class Workspace:
                 "create it or rename the prompt")
         return TestPrompt(path, prelude_path)
 
-    def draft_output(self, draft: Path, key: int | str) -> Path:
-        return self.folder(DRAFTS_OUTPUTS) / output_name(draft, key)
-
-    def prompt_output(self, prompt: Path, key: int | str) -> Path:
-        return self.folder(TEST_PROMPTS_OUTPUTS) / output_name(prompt, key)
-
-    def existing_outputs(self, folder_name: str, source: Path) -> list[Path]:
-        """Existing outputs of `source` (any K and the deterministic one), sorted."""
-        folder = self.folder(folder_name)
-        if not folder.is_dir():
-            return []
-        prefix = f"{source.stem}.output-"
-        return sorted(p for p in folder.iterdir()
-                      if p.name.startswith(prefix) and p.suffix == ".txt"
-                      and PRELUDE_SEPARATOR not in p.name[len(prefix):])
-
     def load_config(self) -> dict[str, Any]:
         """Options from `cached-prompts.toml` at the root; relative model paths are made absolute."""
         path = self.root / CONFIG_FILE
@@ -132,29 +114,9 @@ class Workspace:
         return values
 
 
-def output_name(source: Path, key: int | str) -> str:
-    return f"{source.stem}.output-{key}.txt"
-
-
-def stale(output: Path, inputs: list[Path]) -> bool:
-    """Like make: missing, or older than any input. A link is stale (writing replaces the
-    link, never what it points to); raises InputFileError if a folder or another special
-    file is where the output goes, which could never be written."""
-    try:
-        info = os.lstat(output)
-    except FileNotFoundError:
-        return True
-    if stat.S_ISLNK(info.st_mode):
-        return True
-    if not stat.S_ISREG(info.st_mode):
-        raise InputFileError(f"{output} is {kind_of(info.st_mode)}, not a file; remove it so that "
-                             "the output can be written there")
-    return any(p.stat().st_mtime_ns > info.st_mtime_ns for p in inputs)
-
-
 def remove_stale_output_temp_files(workspace: Workspace) -> list[Path]:
     """Remove the temp files that killed runs left in the output folders (a write in progress
-    in another process is left alone, see fsutil.py); returns the removed files."""
+    in another process is left alone, see fs/files.py); returns the removed files."""
     return [path for name in (DRAFTS_OUTPUTS, TEST_PROMPTS_OUTPUTS)
             for path in remove_stale_temp_files(workspace.folder(name))]
 

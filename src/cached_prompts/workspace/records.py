@@ -51,6 +51,9 @@ class OutputRecord:
     n_ctx: int
     output_sha256: str = ""  # of the output's bytes; filled by write_records
     stop_reason: StopReason | None = None  # how the answer ended; None: not known (older records)
+    # Recipe.to_json() (recipe.py): what freshness compares. Records written before it was
+    # kept have none; their outputs are judged by time and model only (outputs.py).
+    recipe: dict | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -62,7 +65,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "model_id": (str,), "backend": (str,), "sampling": (dict,),
     "seed": (int, type(None)), "created": (str,), "run_id": (str,), "generated_tokens": (int,),
     "seconds": (int, float), "prelude_tokens": (int,), "prompt_tokens": (int,), "n_ctx": (int,),
-    "output_sha256": (str,), "stop_reason": (str, type(None)),
+    "output_sha256": (str,), "stop_reason": (str, type(None)), "recipe": (dict, type(None)),
 }
 _OPTIONAL = {field.name for field in dataclasses.fields(OutputRecord)
              if field.default is not dataclasses.MISSING}

@@ -1,4 +1,6 @@
-"""The engine and runner on the real model: cache identity, reuse, sizes, decoding."""
+"""The local engine on the real model: cached and uncached outputs alike, reuse of a cached
+prefix, entry sizes, the model's identity, context limits, stop strings and the text of the
+answers (characters split across tokens)."""
 
 from __future__ import annotations
 
@@ -136,3 +138,51 @@ def test_greedy_sampling_options_make_identical_outputs_once(make_runner) -> Non
                               label="p")
     assert outputs[0] == outputs[1]
     assert runner.counters.generated_tokens <= 4
+
+
+# ----- text of the outputs ---------------------------------------------------------------------
+
+
+def test_a_partial_last_character_is_kept_as_a_replacement_character() -> None:
+    collector = TextCollector([])
+    collector.add(b"a" + "\u00e9".encode()[:1])
+    assert collector.text == "a"
+    assert collector.finish() == "a\ufffd"
+    assert collector.text == "a\ufffd"
+
+
+def test_a_character_split_across_pieces_is_whole_and_finish_adds_nothing() -> None:
+    collector = TextCollector([])
+    for piece in (b"\xd0", b"\xbc\xd0", b"\xb8\xd1\x80"):
+        collector.add(piece)
+    assert collector.finish() == "\u043c\u0438\u0440"
+
+
+def test_a_stop_string_completed_by_the_flushed_tail_still_stops() -> None:
+    collector = TextCollector(["x\ufffd"])
+    collector.add(b"abx\xd0")
+    assert collector.finish() == "ab" and collector.stopped
+
+
+def test_finish_after_a_stop_adds_nothing() -> None:
+    collector = TextCollector(["STOP"])
+    assert collector.add(b"abSTOP\xd0")
+    assert collector.finish() == "ab"
+
+
+EMOJI_PRELUDE = "<|im_start|>system\nYou answer with emoji only.<|im_end|>\n<|im_start|>user\n"
+EMOJI_PROMPT = "Show three fruit emoji.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_an_output_cut_inside_a_character_ends_in_a_replacement_character(make_runner) -> None:
+    """An emoji takes several tokens: cutting the answer after each token count, some cut
+    lands inside one, and its bytes must show as U+FFFD, not vanish."""
+    runner = make_runner(None)
+    prelude = runner.prelude_tokens(EMOJI_PRELUDE, "p")
+    full = runner.joint_tokens(EMOJI_PRELUDE, EMOJI_PROMPT)
+    texts = [generate(runner, prelude, full, SamplingOptions(temperature=0.0, max_tokens=k), [None],
+                      store=False)[0] for k in range(1, 13)]
+    cut_inside = [text for text in texts if text.endswith("\ufffd")]
+    assert cut_inside, texts
+    for text in texts:
+        assert texts[-1].startswith(text.rstrip("\ufffd")), texts
