@@ -8,6 +8,7 @@ options of every `make_runner(...)` backend (a call's own options win)."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -168,3 +169,21 @@ def llama_servers(tmp_path: Path) -> Iterator[Callable[..., object]]:
     finally:
         for server in started:
             server.stop()
+
+
+CHROMIUM = shutil.which("chromium")  # Debian's chromium, driven by Playwright
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    """A real headless Chromium (Playwright), closed after the test."""
+    if CHROMIUM is None:
+        missing_tool("chromium is not installed: run `make chromium` (scripts/install-chromium.sh)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        try:
+            yield browser
+        finally:
+            browser.close()

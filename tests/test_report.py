@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,9 +16,8 @@ from cached_prompts.report.page import build_report, json_for_script, write_repo
 from cached_prompts.workspace.records import OutputRecord, new_run_id, read_record, record_path, write_records
 from cached_prompts.workspace.layout import Workspace
 
-from .conftest import age, age_tree, missing_tool, prompt_for, write
+from .conftest import age, age_tree, prompt_for, write
 
-CHROMIUM = shutil.which("chromium")
 PHONE = {"width": 390, "height": 844}
 
 
@@ -58,20 +55,6 @@ class View:
     def assert_clean(self) -> None:
         assert self.errors == []
         assert self.requests == [self.url]  # the page itself, nothing else
-
-
-@pytest.fixture
-def browser() -> Iterator[object]:
-    if CHROMIUM is None:
-        missing_tool("chromium is not installed: run `make chromium` (scripts/install-chromium.sh)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

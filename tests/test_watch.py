@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +25,8 @@ from cached_prompts.commands.run_events import RunObserver
 from cached_prompts.commands.watch import watched_kind
 from cached_prompts.workspace.layout import Workspace
 
-from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, missing_tool, prompt_for, write
-from .server_fixtures import llama_servers  # noqa: F401  (the fixture)
+from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, prompt_for, write
 
-CHROMIUM = shutil.which("chromium")
 OUTPUTS = "test_prompts_outputs"
 WAIT_MS = 240_000  # generous: the machine may be busy; no test asserts a duration
 URL_LINE = re.compile(r"live report: (http://\S+)")
@@ -91,23 +88,17 @@ def start_watch(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture
-def chromium_page() -> Iterator:
-    if CHROMIUM is None:
-        missing_tool("chromium is not installed: run `make chromium` (scripts/install-chromium.sh)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM)
-        try:
-            context = browser.new_context()
-            page = context.new_page()
-            page.errors = []  # type: ignore[attr-defined]
-            page.on("pageerror", lambda error: page.errors.append(str(error)))
-            page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
-            yield page
-            context.close()
-        finally:
-            browser.close()
+def chromium_page(browser) -> Iterator:
+    """A page in its own browser context (conftest's `browser`), with the errors it logs."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.errors = []  # type: ignore[attr-defined]
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+        yield page
+    finally:
+        context.close()
 
 
 def wait_for_file(path: Path, newer_than_ns: int = 0) -> None:
