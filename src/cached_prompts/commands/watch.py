@@ -62,6 +62,10 @@ class WatchListener(RunObserver):
     def round_finished(self, result: "RoundResult") -> None:
         """A round ended, with what it wrote and skipped."""
 
+    def idle(self) -> None:
+        """Called every few tenths of a second while waiting for changes, on the round's thread
+        (the one that may use the backend)."""
+
 
 @dataclass
 class RoundResult:
@@ -125,7 +129,7 @@ def watch_workspace(workspace: Workspace, backend: Backend, sampling: SamplingOp
     try:
         while not stop.is_set():
             make_round(workspace, backend, sampling, settings, listener)
-            if not _wait_for_inputs(changes, stop):
+            if not _wait_for_inputs(changes, stop, listener):
                 break
     finally:
         stop.set()
@@ -133,13 +137,14 @@ def watch_workspace(workspace: Workspace, backend: Backend, sampling: SamplingOp
         remove_stale_output_temp_files(workspace)
 
 
-def _wait_for_inputs(changes: "queue.Queue[list[Path]]", stop: threading.Event) -> bool:
+def _wait_for_inputs(changes: "queue.Queue[list[Path]]", stop: threading.Event, listener: WatchListener) -> bool:
     """Block until a change that needs a round (True), or until stopped (False). The short
     timeout lets Ctrl-C through: a blocked Queue.get would hold the signal back."""
     while not stop.is_set():
         try:
             changes.get(timeout=0.25)
         except queue.Empty:
+            listener.idle()
             continue
         while not changes.empty():  # everything queued meanwhile is one round
             changes.get_nowait()

@@ -160,6 +160,10 @@ class LiveReport(WatchListener):
                              problem=bool(result.skipped))
         self._publish("refresh", {})
 
+    def idle(self) -> None:
+        if self.counts.fill():  # a page asked for counts it did not have: show them
+            self._publish("refresh", {})
+
     def generating(self, outputs: list[Path], what: str, budget: int) -> None:
         names = [p.name for p in outputs]
         with self._lock:
