@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cached_prompts.backend.interface import Backend
-from cached_prompts.commands.outputs import outputs_for_drafts, outputs_test_prompts
+from cached_prompts.commands.outputs import output_keys, outputs_for_drafts, outputs_test_prompts
 from cached_prompts.commands.run_events import RunObserver
-from cached_prompts.errors import CachedPromptsError
+from cached_prompts.errors import CachedPromptsError, InputFileError
 from cached_prompts.options import SamplingOptions
 from cached_prompts.workspace.layout import (CONFIG_FILE, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS,
                                              TEST_PROMPTS_OUTPUTS, Workspace, remove_stale_output_temp_files)
+from cached_prompts.workspace.outputs import all_output_sets
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class WatchListener(RunObserver):
     def changed(self, paths: list[Path]) -> None:
         """Workspace files changed on disk (inputs or outputs)."""
 
-    def round_started(self) -> None:
-        """A round begins: it judges what is stale and makes it."""
+    def round_started(self, stale: list[tuple[Path, str]]) -> None:
+        """A round begins; it makes `stale` (each output with why it is made)."""
 
     def round_finished(self, result: "RoundResult") -> None:
         """A round ended, with what it wrote and skipped."""
@@ -100,7 +101,11 @@ def watched_kind(root: Path, path: Path) -> str | None:
 def make_round(workspace: Workspace, backend: Backend, sampling: SamplingOptions, settings: WatchSettings,
                listener: WatchListener) -> RoundResult:
     """Make every stale output of the workspace, as the two output commands would."""
-    listener.round_started()
+    stale = stale_outputs(workspace, backend, sampling, settings)
+    if stale:
+        log.info("%d output%s to make: %s", len(stale), "" if len(stale) == 1 else "s",
+                 "; ".join(f"{path.name} ({why})" for path, why in stale[:5]) + (" ..." if len(stale) > 5 else ""))
+    listener.round_started(stale)
     started = time.monotonic()
     result = RoundResult()
     try:
@@ -115,6 +120,25 @@ def make_round(workspace: Workspace, backend: Backend, sampling: SamplingOptions
     result.seconds = time.monotonic() - started
     listener.round_finished(result)
     return result
+
+
+def stale_outputs(workspace: Workspace, backend: Backend, sampling: SamplingOptions,
+                  settings: WatchSettings) -> list[tuple[Path, str]]:
+    """The outputs a round makes, with why (OutputSet's verdicts, as the commands judge them:
+    a set with one stale output is made again whole). Inputs that cannot be judged are left to
+    the commands, which skip them with the reason."""
+    found = []
+    sets = all_output_sets(workspace, draft_keys=output_keys(settings.n, False),
+                           prompt_keys=output_keys(settings.n, settings.deterministic))
+    for output_set in sets:
+        try:
+            verdict = output_set.judge(sampling, backend.model_id)
+        except (InputFileError, OSError):
+            continue
+        if verdict.stale:
+            why = next(v.describe() for v in verdict.verdicts if not v.fresh)
+            found += [(v.path, v.describe() or why) for v in verdict.verdicts]
+    return found
 
 
 def watch_workspace(workspace: Workspace, backend: Backend, sampling: SamplingOptions, settings: WatchSettings,

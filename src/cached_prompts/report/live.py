@@ -85,11 +85,22 @@ class _Making:
 
 
 @dataclass
+class _Round:
+    """The outputs a round makes, for the status line's ETA."""
+
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class _Batch:
     """The outputs being made together, for the status line."""
 
     what: str
-    budget: int
+    budget: int  # tokens, if every output runs to --max-tokens
+    outputs: int
+    round: _Round | None = None
     started: float = field(default_factory=time.monotonic)
     tokens: int = 0
 
@@ -97,9 +108,24 @@ class _Batch:
         seconds = max(time.monotonic() - self.started, 1e-3)
         rate = self.tokens / seconds
         text = f"making {self.what} · {self.tokens:,} tokens · {rate:.1f} tok/s"
+        if self.round is not None and self.round.total > self.outputs:
+            text += f" · {self.round.done} of {self.round.total} outputs of this round made"
         if rate > 0:
-            text += f" · ETA {_seconds((self.budget - self.tokens) / rate)} at most"
+            text += f" · ETA {_seconds(self._eta(rate))} at most"
         return text
+
+    def _eta(self, rate: float) -> float:
+        """These outputs if they all run to --max-tokens, then the rest of the round at the
+        pace of the outputs made so far (or at these outputs' budget per output)."""
+        left = (self.budget - self.tokens) / rate
+        if self.round is None:
+            return left
+        rest = max(0, self.round.total - self.round.done - self.outputs)
+        if self.round.done:
+            per_output = (time.monotonic() - self.round.started) / self.round.done
+        else:
+            per_output = self.budget / max(self.outputs, 1) / rate
+        return left + rest * per_output
 
 
 def _seconds(value: float) -> str:
@@ -121,6 +147,7 @@ class LiveReport(WatchListener):
         self._making: dict[str, _Making] = {}
         self._pending: dict[str, str] = {}  # output -> text not sent yet
         self._batch: _Batch | None = None
+        self._round: _Round | None = None
         self._status: dict[str, Any] = {"text": "starting: judging which outputs are stale", "problem": False}
         self._skipped: list[tuple[Path, str]] = []
         self._flush_due = False
@@ -139,14 +166,18 @@ class LiveReport(WatchListener):
     def changed(self, paths: list[Path]) -> None:
         self._publish("refresh", {"files": [p.name for p in paths]})
 
-    def round_started(self) -> None:
+    def round_started(self, stale: list[tuple[Path, str]]) -> None:
         self.counts.fill()
-        self._set_status("judging which outputs are stale")
+        with self._lock:
+            self._round = _Round(len(stale))
+        self._set_status(f"{len(stale)} output{'s' if len(stale) != 1 else ''} to make" if stale
+                         else "checking the inputs")
 
     def round_finished(self, result: RoundResult) -> None:
         with self._lock:
             self._skipped = list(result.skipped)
             self._batch = None
+            self._round = None
         self.counts.fill()
         if result.problem:
             self._set_status(f"the last round stopped: {result.problem}; watching for changes", problem=True)
@@ -167,7 +198,7 @@ class LiveReport(WatchListener):
     def generating(self, outputs: list[Path], what: str, budget: int) -> None:
         names = [p.name for p in outputs]
         with self._lock:
-            self._batch = _Batch(what, budget)
+            self._batch = _Batch(what, budget, len(names), self._round)
             for name in names:
                 self._making[name] = _Making(name)
         self._publish("started", {"outputs": names})
@@ -190,6 +221,9 @@ class LiveReport(WatchListener):
         self._schedule_flush()
 
     def written(self, outputs: list[Path]) -> None:
+        with self._lock:
+            if self._round is not None:
+                self._round.done += len(outputs)
         self._end(outputs)
         self.counts.fill()
 
