@@ -50,10 +50,11 @@ from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E40
 
 from decode_ceiling import DecodeCeiling  # noqa: E402
 
-from cached_prompts.backend.interface import BackendKind  # noqa: E402
 from cached_prompts.local.backend import LocalBackend  # noqa: E402
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed  # noqa: E402
-from cached_prompts.server.api import ServerClient, sampling_fields  # noqa: E402
+from cached_prompts.server.api import CompletionAsk, ServerApi  # noqa: E402
+from cached_prompts.server.http import HttpConnection  # noqa: E402
+from cached_prompts.server.probe import probe  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "repl.json"
 PRELUDE_ID = "bench"
@@ -143,13 +144,12 @@ SERVER_CONFIGS = {"server_default": (), "server_unified": ("-fa", "off", "-kvu")
 SERVER_KV_FLAGS = {"f16": (), "q8_0-keys": ("-ctk", "q8_0"), "q8_0": ("-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on")}
 
 
-def server_runs(config: str, client: ServerClient, prelude: str, sizes: Sizes) -> dict[str, Run]:
-    kind = BackendKind.LLAMA_SERVER
-    fields = sampling_fields(SamplingOptions(max_tokens=sizes.max_tokens), kind, max_tokens=sizes.max_tokens,
-                             seed=derive_seed(0, 0))
+def server_runs(config: str, client: ServerApi, prelude: str, sizes: Sizes) -> dict[str, Run]:
+    sampling = SamplingOptions(max_tokens=sizes.max_tokens)
 
     def complete(text: str) -> int:
-        return sum(client.complete(kind, "", text, sizes.outputs, fields).tokens)
+        return sum(client.complete(CompletionAsk(text, sizes.outputs, sampling, sizes.max_tokens,
+                                                 derive_seed(0, 0))).tokens)
 
     def together(prompts: list[str]) -> int:
         with ThreadPoolExecutor(len(prompts)) as pool:
@@ -175,20 +175,20 @@ def measure(runs: dict[str, Run], sizes: Sizes) -> dict[str, float]:
 
 
 def start_servers(stack: ExitStack, binary: Path, work: Path, sizes: Sizes, threads: int, kv_type: str,
-                  prelude: str) -> dict[str, ServerClient]:
+                  prelude: str) -> dict[str, ServerApi]:
     """Each configuration's server, started (stopped by `stack`) and its prelude warmed; idle
     servers use no CPU."""
     slots = sizes.prompts * sizes.outputs
-    clients: dict[str, ServerClient] = {}
-    warm = sampling_fields(SamplingOptions(), BackendKind.LLAMA_SERVER, max_tokens=0, seed=None)
+    clients: dict[str, ServerApi] = {}
     for config, flags in SERVER_CONFIGS.items():
         server = LlamaServer(binary, work, ctx=slots * 2048, parallel=slots, threads=threads,
                              extra_args=(*flags, *SERVER_KV_FLAGS[kv_type]))
         stack.callback(server.stop)
         server.start()
-        clients[config] = ServerClient(server.url, timeout=600)
-        stack.callback(clients[config].close)
-        clients[config].complete(BackendKind.LLAMA_SERVER, "", prelude, 1, warm)
+        http = HttpConnection(server.url, timeout=600)
+        stack.callback(http.close)
+        clients[config] = probe(http, "llama")
+        clients[config].complete(CompletionAsk(prelude, 1, SamplingOptions(), 0, None))  # warm
     return clients
 
 

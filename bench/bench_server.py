@@ -35,7 +35,9 @@ from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E40
 
 from cached_prompts.backend.interface import GenerationRequest, PromptJob  # noqa: E402
 from cached_prompts.options import SamplingOptions, ServerOptions, derive_seed  # noqa: E402
-from cached_prompts.server.api import ServerClient, sampling_fields  # noqa: E402
+from cached_prompts.server.api import CompletionAsk, ServerApi  # noqa: E402
+from cached_prompts.server.http import HttpConnection  # noqa: E402
+from cached_prompts.server.probe import probe  # noqa: E402
 from cached_prompts.server.backend import ServerBackend  # noqa: E402
 from cached_prompts.server.index import tokens_digest  # noqa: E402
 from cached_prompts.server.routing import ServerState, rank_servers  # noqa: E402
@@ -73,17 +75,17 @@ def overhead(binary: Path, folder: Path, sizes: Sizes, threads: int) -> dict[str
     server = start_server(binary, folder, threads, slots, ctx=slots * 2048)
     try:
         backend = ServerBackend(ServerOptions(servers=[server.url]), folder / "llm_cache", fallback_n_ctx=2048)
-        client = ServerClient(server.url, timeout=600)
+        http = HttpConnection(server.url, timeout=600)
         try:
-            return _compare(backend, client, sizes)
+            return _compare(backend, probe(http, "llama"), sizes)
         finally:
             backend.close()
-            client.close()
+            http.close()
     finally:
         server.stop()
 
 
-def _compare(backend: ServerBackend, client: ServerClient, sizes: Sizes) -> dict[str, float]:
+def _compare(backend: ServerBackend, client: ServerApi, sizes: Sizes) -> dict[str, float]:
     prelude = prelude_text(sizes.examples)
     prompts = [prompt_text(i) for i in range(sizes.prompts)]
     sampling = SamplingOptions(max_tokens=sizes.max_tokens)
@@ -91,24 +93,23 @@ def _compare(backend: ServerBackend, client: ServerClient, sizes: Sizes) -> dict
     fulls = [backend.joint_tokens(prelude, p) for p in prompts]
     seeds = [derive_seed(0, k) for k in range(sizes.outputs)]
     backend.prepare_prelude(prelude_tokens, "bench")
-    kind, model = backend.kind, backend.model_id
 
     def ours() -> int:
         request = GenerationRequest(prelude_tokens, [PromptJob(full, list(seeds)) for full in fulls], sampling, "bench")
         return sum(c.tokens for job in backend.generate(request) for c in job)
 
-    fields = sampling_fields(sampling, kind, max_tokens=sizes.max_tokens, seed=seeds[0])
+    def ask(text: str) -> CompletionAsk:
+        return CompletionAsk(text, sizes.outputs, sampling, sizes.max_tokens, seeds[0])
 
     def direct_together() -> int:
         with ThreadPoolExecutor(len(prompts)) as pool:
-            answers = list(pool.map(lambda text: client.complete(kind, model, text, sizes.outputs, fields),
-                                    [prelude + p for p in prompts]))
+            answers = list(pool.map(lambda text: client.complete(ask(text)), [prelude + p for p in prompts]))
         return sum(sum(a.tokens) for a in answers)
 
     def direct_one_by_one() -> int:
-        return sum(sum(client.complete(kind, model, prelude + p, sizes.outputs, fields).tokens) for p in prompts)
+        return sum(sum(client.complete(ask(prelude + p)).tokens) for p in prompts)
 
-    client.complete(kind, model, prelude, 1, sampling_fields(sampling, kind, max_tokens=0, seed=None))  # warm
+    client.complete(CompletionAsk(prelude, 1, sampling, 0, None))  # warm
     runs = {"direct_together": direct_together, "direct_one_by_one": direct_one_by_one, "ours": ours}
     best = dict.fromkeys(runs, 0.0)
     for _ in range(sizes.repeats):
@@ -126,34 +127,40 @@ def _compare(backend: ServerBackend, client: ServerClient, sizes: Sizes) -> dict
 
 def hit_rate(binary: Path, folder: Path, sizes: Sizes, threads: int, routing: str, seed: int = 1) -> dict[str, float]:
     servers = [start_server(binary, folder, threads, slots=2, ctx=4096) for _ in range(2)]
-    clients = [ServerClient(s.url, timeout=600) for s in servers]
+    connections = [HttpConnection(s.url, timeout=600) for s in servers]
     try:
-        probe = clients[0].probe("llama")
-        states = [ServerState(c) for c in clients]
+        clients = [probe(http, "llama") for http in connections]
+        states = [ServerState(http, api) for http, api in zip(connections, clients)]
         requests = []
         for p in range(sizes.affinity_preludes):
             # Different first words, so that the preludes share no prefix.
             prelude = prelude_text(max(1, sizes.examples // 3)).replace(
                 "You are a storyteller.", f"You are storyteller number {p}.", 1)
-            tokens = clients[0].tokenize(prelude, add_special=True, kind=probe.kind, model_id=probe.model_id)
+            tokens = clients[0].tokenize(prelude, add_special=True)
             for i in range(sizes.affinity_prompts):
                 requests.append((tokens_digest(tokens), prelude + prompt_text(i)))
         random.Random(seed).shuffle(requests)
         chooser = random.Random(seed + 1)
-        fields = sampling_fields(SamplingOptions(temperature=0.0, max_tokens=4), probe.kind, max_tokens=4, seed=None)
+        greedy = SamplingOptions(temperature=0.0, max_tokens=4)
         cached = total = 0
         for digest, text in requests:
             state = rank_servers(states, digest)[0] if routing == "affinity" else chooser.choice(states)
-            answer = state.client.complete(probe.kind, probe.model_id, text, 1, fields)
+            answer = _client(state).complete(CompletionAsk(text, 1, greedy, 4, None))
             cached += answer.cached_tokens or 0
             total += answer.prompt_tokens
         evaluated = sum(s.prompt_tokens() for s in servers)
         return {"hit_rate": round(cached / total, 3), "prompt_tokens": total, "evaluated_tokens": evaluated}
     finally:
-        for client in clients:
-            client.close()
+        for http in connections:
+            http.close()
         for server in servers:
             server.stop()
+
+
+def _client(state: ServerState) -> ServerApi:
+    if state.api is None:
+        raise RuntimeError(f"{state.url} was not probed")
+    return state.api
 
 
 def main() -> int:

@@ -171,6 +171,19 @@ def llama_servers(tmp_path: Path) -> Iterator[Callable[..., object]]:
             server.stop()
 
 
+@pytest.fixture
+def canned_server() -> Iterator[object]:
+    """A canned HTTP server on 127.0.0.1 (tests/server_fixtures.py: CannedServer), for answers a
+    real server cannot be made to send; stopped after the test."""
+    from .server_fixtures import CannedServer
+
+    server = CannedServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 CHROMIUM = shutil.which("chromium")  # Debian's chromium, driven by Playwright
 
 

@@ -123,3 +123,69 @@ class LlamaServer:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+# ----- a canned HTTP server: for answers a real server cannot be made to send --------------------
+
+
+class CannedServer:
+    """A real HTTP server on 127.0.0.1 (a thread of the test) that answers each path with what
+    the test put in `answers`: answers[path] = (status, JSON value or raw bytes, with a
+    Content-Length header). It tokenizes one token per UTF-8 byte, so prefixes stay prefixes.
+    `requests` keeps the JSON bodies it was sent, per path."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        self.answers: dict[str, tuple[int, object, bool]] = {}
+        self.requests: dict[str, list[object]] = {}
+        canned = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # quiet: pytest shows stderr of failures
+                pass
+
+            def do_GET(self) -> None:
+                self._answer(None)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self._answer(json.loads(self.rfile.read(length) or b"null"))
+
+            def _answer(self, body: object) -> None:
+                path = self.path.split("?")[0]
+                canned.requests.setdefault(path, []).append(body)
+                if path == "/tokenize" and path not in canned.answers and isinstance(body, dict):
+                    status, value, sized = 200, {"tokens": list(str(body.get("content", "")).encode())}, True
+                else:
+                    status, value, sized = canned.answers.get(path, (404, {"error": {"message": "no such path"}}, True))
+                data = value if isinstance(value, bytes) else json.dumps(value).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                if sized:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: as it should
+                    pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def llama_server(self, n_ctx: int = 1024) -> "CannedServer":
+        """Answer the probe as a llama-server does."""
+        self.answers["/props"] = (200, {"total_slots": 2, "default_generation_settings": {"n_ctx": n_ctx}}, True)
+        self.answers["/v1/models"] = (200, {"object": "list", "data": [{"id": "canned.gguf", "owned_by": "llamacpp"}]},
+                                      True)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

@@ -261,6 +261,45 @@ def test_the_openai_path_against_llama_servers_v1_completions(cli, workspace: Pa
     assert code == 0 and len(outputs(workspace)) == 9
 
 
+def test_structured_outputs_on_a_server_parse_and_validate_through_both_apis(cli, workspace: Path, llama_servers,
+                                                                            tmp_path: Path) -> None:
+    """A schema sidecar (sent as json_schema) and a grammar sidecar (sent as grammar), on
+    llama-server's /completion and on its /v1/completions; and the REPL's json_schema / grammar."""
+    from .test_method import SCHEMA, valid
+
+    server = llama_servers()
+    write(workspace / "test_prompts" / "dictionary---river.schema.json", json.dumps(SCHEMA))
+    write(workspace / "test_prompts" / "dictionary---library.gbnf", 'root ::= "yes" | "no" | "maybe"')
+    for api in ("llama", "openai"):
+        code, _, err = cli(workspace, "outputs-test-prompts", "-n", "3", "-f", "--max-tokens", "48",
+                           *with_servers(server, api=api))
+        assert code == 0, err
+        made = outputs(workspace)
+        rivers = [made[f"dictionary---river.output-{k}.txt"] for k in range(3)]
+        assert all(valid(text) for text in rivers), (api, rivers)
+        assert {made[f"dictionary---library.output-{k}.txt"] for k in range(3)} <= {"yes", "no", "maybe"}, api
+        assert not any(valid_json(made[f"dictionary-long---umbrella.output-{k}.txt"]) for k in range(3))
+
+    with open_server_backend(tmp_path, server) as backend:
+        session = Session(backend, SamplingOptions(max_tokens=48))
+        for constraint in ({"json_schema": SCHEMA}, {"grammar": 'root ::= [0-9] [0-9]'}):
+            response = session.handle_request(json.dumps({"command": "single_prompt", "arguments": {
+                "prelude_id": "d", "prelude": CHATML_SYSTEM, "prompt": prompt_for("river"),
+                "number_of_random_outputs": 2, **constraint}}))
+            assert response["status"] == "Ok", response["message"]
+            texts = response["value"]
+            assert all(valid(t) for t in texts) if "json_schema" in constraint else all(
+                len(t) == 2 and t.isdigit() for t in texts), texts
+
+
+def valid_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def test_a_servers_4xx_message_is_passed_on(cli, workspace: Path, llama_servers) -> None:
     server = llama_servers(parallel=2)
     # Five outputs in one request on a server with two slots: llama-server refuses it.

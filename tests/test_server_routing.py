@@ -11,13 +11,13 @@ import pytest
 from cached_prompts.backend.interface import PreludeKind
 from cached_prompts.errors import OptionsError
 from cached_prompts.options import server_options, split_by_model
-from cached_prompts.server.api import ServerClient
+from cached_prompts.server.http import HttpConnection
 from cached_prompts.server.index import ServerIndex, slot_file_name, tokens_digest
 from cached_prompts.server.routing import ServerPool, ServerState, rank_servers
 
 
 def states(*urls: str, capacity: int = 2) -> list[ServerState]:
-    return [ServerState(ServerClient(url, timeout=1.0), capacity=capacity) for url in urls]
+    return [ServerState(HttpConnection(url, timeout=1.0), capacity=capacity) for url in urls]
 
 
 class FakeClock:

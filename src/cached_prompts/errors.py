@@ -71,9 +71,5 @@ class ServerDownError(ServerError):
 
 
 class IncompleteOutputsError(ServerError):
-    """Some outputs of a request could be made on no server. `completed` holds, per prompt
-    job, its completions, or None for a job whose outputs are lost (named in the message)."""
-
-    def __init__(self, message: str, completed: list) -> None:
-        super().__init__(message)
-        self.completed = completed
+    """Some outputs of a request could be made on no server (Backend.generate; each output's
+    own result comes from Backend.generate_results)."""

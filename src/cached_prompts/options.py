@@ -272,6 +272,9 @@ def server_options(config: dict[str, Any], flags: dict[str, Any], where: str,
     return build_options(ServerOptions, values, where)
 
 
+MAX_SHOWN_INPUT = 200  # characters of a bad value shown in a message (a server may send megabytes)
+
+
 def describe_validation_error(error: ValidationError, where: str) -> str:
     parts = []
     for item in error.errors():
@@ -279,7 +282,9 @@ def describe_validation_error(error: ValidationError, where: str) -> str:
         if item["type"] == "extra_forbidden":
             parts.append(f"unknown option '{name}'")
         else:
-            parts.append(f"'{name}': {item['msg']} (got {item.get('input')!r})")
+            shown = repr(item.get("input"))
+            shown = shown if len(shown) <= MAX_SHOWN_INPUT else shown[:MAX_SHOWN_INPUT] + "..."
+            parts.append(f"'{name}': {item['msg']} (got {shown})")
     return f"{where}: " + "; ".join(parts)
 
 

@@ -117,6 +117,26 @@ class Completion:
     stop_reason: StopReason | None = None  # None: the backend did not say
 
 
+@dataclass(frozen=True)
+class FailedOutput:
+    """An output that could not be made (every server that could make it failed), and why."""
+
+    seed: int | None
+    reason: str
+
+
+OutputResult = Completion | FailedOutput  # each output of `Backend.generate_results`
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What every output of a prompt must match: a GBNF grammar (root rule `root`), made from a
+    JSON schema when `json_schema` is given (a server is sent the schema itself)."""
+
+    grammar: str
+    json_schema: dict[str, Any] | None = None
+
+
 @dataclass
 class PromptJob:
     """One prompt of a generation request: its joint tokens and one output per seed
@@ -125,6 +145,18 @@ class PromptJob:
     full: list[int]  # joint tokens of prelude + prompt text
     seeds: list[int | None]
     grammar: str | None = None  # GBNF (root rule `root`) every output of this prompt must match
+    # The JSON schema `grammar` was made from, if it was: a server is sent the schema itself.
+    json_schema: dict[str, Any] | None = None
+
+    @classmethod
+    def constrained(cls, full: list[int], seeds: list[int | None], constraint: OutputConstraint | None) -> "PromptJob":
+        if constraint is None:
+            return cls(full, seeds)
+        return cls(full, seeds, constraint.grammar, constraint.json_schema)
+
+    @property
+    def constraint(self) -> OutputConstraint | None:
+        return None if self.grammar is None else OutputConstraint(self.grammar, self.json_schema)
 
 
 @dataclass
@@ -244,7 +276,16 @@ class Backend(ABC):
     def generate(self, request: GenerationRequest, *, on_prefill: ProgressCallback | None = None,
                  on_step: StepCallback | None = None, on_text: TextCallback | None = None) -> list[list[Completion]]:
         """For each job, one completion per seed, in order; `on_text` hears their text as it
-        is made (see TextCallback)."""
+        is made (see TextCallback). All or nothing: an output that cannot be made is an error."""
+
+    def generate_results(self, request: GenerationRequest, *, on_prefill: ProgressCallback | None = None,
+                         on_step: StepCallback | None = None,
+                         on_text: TextCallback | None = None) -> list[list[OutputResult]]:
+        """As `generate`, but an output that could not be made while others could (servers
+        that failed) is a FailedOutput in its place; what fails the whole request (a context
+        overflow, a refused request) is still raised. The local engine makes all or nothing."""
+        return [list(row) for row in self.generate(request, on_prefill=on_prefill, on_step=on_step,
+                                                   on_text=on_text)]
 
     # ----- log-probabilities of given tokens (score-preludes) ----------------------------
 
@@ -281,8 +322,8 @@ class Backend(ABC):
 
     def check_grammar(self, grammar: str, source: str) -> None:
         """Raise ConstraintError if `grammar` (GBNF) cannot constrain this backend's outputs.
-        A backend that applies `PromptJob.grammar` overrides this; the others refuse, so a
-        constraint is never silently ignored."""
+        A backend that applies `PromptJob.grammar` (or its json_schema) overrides this; the
+        others refuse, so a constraint is never silently ignored."""
         raise ConstraintError(f"{source}: the {self.kind.value} backend cannot constrain outputs with a "
                               "grammar or JSON schema; use the local engine (no --server)")
 

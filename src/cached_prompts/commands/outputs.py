@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from cached_prompts.backend.interface import Backend, Completion, GenerationRequest, PreludeKind, PreludeSource, PromptJob
+from cached_prompts.backend.interface import (Backend, Completion, FailedOutput, GenerationRequest, OutputConstraint,
+                                              PreludeKind, PreludeSource, PromptJob)
 from cached_prompts.errors import ContextOverflowError, IncompleteOutputsError, InputFileError
 from cached_prompts.options import SamplingOptions, derive_seed
 from cached_prompts.commands.progress import Progress
@@ -111,7 +112,7 @@ class _Input:
     output_set: OutputSet
     full: list[int]
     recipes: dict[str, Recipe]  # of each output, for its record
-    grammar: str | None = None  # from its schema or grammar sidecar (method/constraints.py)
+    constraint: OutputConstraint | None = None  # from its schema or grammar sidecar (method/constraints.py)
     seen: InputStamp = InputStamp()  # its inputs before they were read (run_events.InputStamp)
 
     @property
@@ -241,11 +242,10 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
     sizes = "/".join(str(len(item.full) - len(prelude)) for item in batch)
     progress.start_item(name, f"{described}, {len(prelude)} + {sizes} tokens")
     budget = len(batch) * len(keys) * sampling.max_tokens
-    request = GenerationRequest(prelude, [PromptJob(item.full, seeds_for(keys, sampling), item.grammar)
+    request = GenerationRequest(prelude, [PromptJob.constrained(item.full, seeds_for(keys, sampling), item.constraint)
                                           for item in batch],
                                 sampling, label, kind=kind, store=kind != PreludeKind.DRAFT)
     started = time.monotonic()
-    lost: IncompleteOutputsError | None = None
     observer = report.observer
     making = [path for item in batch for path in item.outputs]
     observer.generating(making, f"{name}: {described}", budget)
@@ -255,10 +255,8 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
         observer.step(new)
 
     try:
-        completions = backend.generate(request, on_prefill=progress.prefill, on_step=step,
-                                       on_text=lambda job, k, piece: observer.text(batch[job].outputs[k], piece))
-    except IncompleteOutputsError as error:  # servers: write what was made, name the rest
-        completions, lost = error.completed, error
+        results = backend.generate_results(request, on_prefill=progress.prefill, on_step=step,
+                                           on_text=lambda job, k, piece: observer.text(batch[job].outputs[k], piece))
     except BaseException as error:
         observer.not_written(making, str(error) or type(error).__name__)
         if not isinstance(error, ContextOverflowError):
@@ -273,14 +271,17 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
                       label=label, kind=kind, report=report)
         return
     seconds = time.monotonic() - started
-    for item, item_completions in zip(batch, completions):
+    for item, item_results in zip(batch, results):
         progress.finish_item()
-        if item_completions is None:
+        failed = [result for result in item_results if isinstance(result, FailedOutput)]
+        if failed:  # servers that failed: the input's outputs are made again on the next run
+            lost = IncompleteOutputsError(f"no server could make {len(failed)} of its {len(item_results)} "
+                                          f"outputs ({failed[0].reason})")
             report.skip(item.path, lost)
             observer.not_written(item.outputs, str(lost))
             continue
         made = _Made(backend, sampling, report.run_id, seconds, len(prelude), len(item.full) - len(prelude))
-        _write_outputs(item, item_completions, made, report)
+        _write_outputs(item, [result for result in item_results if isinstance(result, Completion)], made, report)
 
 
 def _describe(n_inputs: int, keys: list[OutputKey]) -> str:

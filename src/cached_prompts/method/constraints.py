@@ -4,7 +4,7 @@ A draft or test prompt `NAME.txt` may have a sidecar next to it, `NAME.schema.js
 schema) or `NAME.gbnf` (a grammar; where it is and its bytes: workspace/sidecars.py); the REPL's `single_prompt` takes `json_schema` or
 `grammar`. A schema becomes GBNF with llama-cpp-python's converter; the grammar then goes to
 llama.cpp's grammar sampler (engine.SamplerChain), which lets only tokens the grammar allows
-be sampled. The backend checks a grammar before any decoding (`Backend.check_grammar`), so a
+be sampled. Servers are sent the schema itself, or the grammar (docs/servers-structured.md). The backend checks a grammar before any decoding (`Backend.check_grammar`), so a
 bad one is a clear error, never a crash.
 
 Sidecars come from the untrusted workspace: read only if they are regular files (no links),
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cached_prompts.backend.interface import Backend
+from cached_prompts.backend.interface import Backend, OutputConstraint
 from cached_prompts.errors import ConstraintError
 from cached_prompts.local.grammar import schema_to_gbnf
 from cached_prompts.workspace.sidecars import ConstraintKind, read_sidecar, shown, sidecar_of
@@ -34,8 +34,8 @@ _REPETITION_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProper
 _PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
-def load_constraint(input_path: Path, backend: Backend) -> str | None:
-    """The checked grammar that the outputs of `input_path` must match, or None."""
+def load_constraint(input_path: Path, backend: Backend) -> OutputConstraint | None:
+    """The checked constraint that the outputs of `input_path` must match, or None."""
     sidecar = sidecar_of(input_path)
     if sidecar is None:
         return None
@@ -46,8 +46,8 @@ def load_constraint(input_path: Path, backend: Backend) -> str | None:
         raise ConstraintError(f"{shown(sidecar)} is not UTF-8 text (bad byte at offset {error.start}); "
                               "save it as UTF-8") from None
     if sidecar.name.endswith(ConstraintKind.SCHEMA.value):
-        return grammar_from_schema(parse_schema(text, shown(sidecar)), shown(sidecar), backend)
-    return checked_grammar(text, shown(sidecar), backend)
+        return schema_constraint(parse_schema(text, shown(sidecar)), shown(sidecar), backend)
+    return OutputConstraint(checked_grammar(text, shown(sidecar), backend))
 
 
 # ----- schemas and grammars --------------------------------------------------------------------
@@ -70,6 +70,12 @@ def parse_schema(text: str, source: str) -> Any:
         raise ConstraintError(f"{source} is nested too deeply to be a schema") from None
     except ValueError as error:
         raise ConstraintError(f"{source} is not valid JSON ({error}); fix the schema") from None
+
+
+def schema_constraint(schema: Any, source: str, backend: Backend) -> OutputConstraint:
+    """A JSON schema's checked grammar, with the schema (for servers)."""
+    grammar = grammar_from_schema(schema, source, backend)
+    return OutputConstraint(grammar, {} if schema is True else schema)
 
 
 def grammar_from_schema(schema: Any, source: str, backend: Backend) -> str:
@@ -131,10 +137,11 @@ def _check_schema_bounds(schema: dict[str, Any], source: str) -> None:
                                       "times; lower the count")
 
 
-def constraint_from_request(json_schema: dict[str, Any] | None, grammar: str | None, backend: Backend) -> str | None:
-    """The checked grammar of a REPL request's `json_schema` or `grammar` argument, or None."""
+def constraint_from_request(json_schema: dict[str, Any] | None, grammar: str | None,
+                            backend: Backend) -> OutputConstraint | None:
+    """The checked constraint of a REPL request's `json_schema` or `grammar` argument, or None."""
     if json_schema is not None:
-        return grammar_from_schema(json_schema, "json_schema", backend)
+        return schema_constraint(json_schema, "json_schema", backend)
     if grammar is not None:
-        return checked_grammar(grammar, "grammar", backend)
+        return OutputConstraint(checked_grammar(grammar, "grammar", backend))
     return None

@@ -116,14 +116,14 @@ class Session:
                                 "add_nonrandom_output_to_front is false, so nothing would be "
                                 "generated; ask for at least one output")
         prelude = self._prelude_tokens(args.prelude_id, args.prelude)
-        grammar = constraint_from_request(args.json_schema, args.grammar, self.backend)
+        constraint = constraint_from_request(args.json_schema, args.grammar, self.backend)
         keys: list[int | str] = [DETERMINISTIC] if args.add_nonrandom_output_to_front else []
         keys += range(args.number_of_random_outputs)
         jobs = []
         for prompt in args.prompt_texts:
             full = self.backend.joint_tokens(args.prelude, prompt)
             self.backend.check_fits(prelude, full)
-            jobs.append(PromptJob(full, seeds_for(keys, sampling), grammar))
+            jobs.append(PromptJob.constrained(full, seeds_for(keys, sampling), constraint))
         return PromptPlan(args.prelude_id, prelude, jobs, sampling, several=args.prompts is not None)
 
     def answer(self, plan: PromptPlan, completions: list[list[Completion]]) -> list[str] | list[list[str]]:

@@ -1,6 +1,6 @@
 """The server backend: tokenization and generation on llama-server or OpenAI-compatible
-(vLLM) servers instead of this process (server_api.py speaks to one server, server_routing.py
-picks which).
+(vLLM) servers instead of this process (server/api.py: the client of one server, one class per
+protocol, chosen when it is probed; server/routing.py picks which server).
 
 - Token ids are sent, so a server sees exactly the tokens the local engine would.
 - A prelude's requests go to one server (rendezvous hashing of its tokens), where its KV stays
@@ -16,7 +16,10 @@ picks which).
   (options.derive_seed). Like the local seeds, that is stable, distinct per K and independent
   of how many outputs are made; it is not the local engine's seed for K > 0.
 - A server that fails is marked down; its outputs move to the next server of the prelude's
-  ranking. Outputs no server can make are returned as lost (IncompleteOutputsError).
+  ranking. Outputs no server can make are each a FailedOutput of `generate_results`
+  (`generate`, all or nothing, raises IncompleteOutputsError).
+- A schema or grammar (PromptJob.grammar / json_schema) is sent with each request, in the
+  form the server's protocol takes (server/llama_api.py, server/openai_api.py).
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cached_prompts.backend.interface import (Backend, BackendKind, Completion, Counters, GenerationRequest, PreludeKind, PreludeLoad,
-                      PreludeSource, ProgressCallback, StepCallback, StoredPrelude, TextCallback)
+from cached_prompts.backend.interface import (Backend, BackendKind, Completion, Counters, FailedOutput,
+                                              GenerationRequest, OutputResult, PreludeKind, PreludeLoad, PreludeSource,
+                                              ProgressCallback, StepCallback, StoredPrelude, TextCallback)
 from cached_prompts.errors import IncompleteOutputsError, ServerDownError, ServerError
 from cached_prompts.options import SamplingOptions, ServerOptions
-from cached_prompts.server.api import Generated, ServerClient, sampling_fields
+from cached_prompts.server.api import CompletionAsk, Generated, ServerApi
+from cached_prompts.server.http import HttpConnection
+from cached_prompts.server.probe import probe
 from cached_prompts.server.index import ServerIndex, slot_file_name, tokens_digest
 from cached_prompts.server.routing import ServerPool, ServerState
 
@@ -67,7 +73,7 @@ class ServerBackend(Backend):
         self.counters = Counters()
         self.index = ServerIndex(cache_dir) if cache_dir is not None else None
         per_server = options.server_parallel or OPENAI_DEFAULT_PARALLEL
-        states = [ServerState(ServerClient(url, timeout=options.server_timeout, max_connections=per_server + 4))
+        states = [ServerState(HttpConnection(url, timeout=options.server_timeout, max_connections=per_server + 4))
                   for url in options.servers]
         self.pool = ServerPool(states)
         self._lock = threading.Lock()  # counters, progress callbacks, warm-up bookkeeping
@@ -104,10 +110,11 @@ class ServerBackend(Backend):
         return models.pop()
 
     def _probe(self, state: ServerState) -> None:
-        info = state.client.probe(self.options.server_api)
+        api = probe(state.http, self.options.server_api)
+        info = api.info
         if getattr(self, "_model_id", None) not in (None, info.model_id):
             raise ServerDownError(f"{state.url} now serves {info.model_id}, not {self._model_id}")
-        state.info = info
+        state.api = api
         state.capacity = self.options.server_parallel or info.slots or OPENAI_DEFAULT_PARALLEL
         log.debug("%s: %s, model %s, n_ctx %s, %d outputs at a time", state.url, info.kind.value,
                   info.model_id, info.n_ctx, state.capacity)
@@ -140,14 +147,14 @@ class ServerBackend(Backend):
 
     def close(self) -> None:
         for state in self.pool.servers:
-            state.client.close()
+            state.http.close()
 
     # ----- tokens -------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, at_start: bool) -> list[int]:
         """On the first server that answers (they serve one model, so any tokenizes alike)."""
         def call(state: ServerState, granted: int) -> list[int]:
-            return state.client.tokenize(text, add_special=at_start, kind=state.info.kind, model_id=self._model_id)
+            return _api(state).tokenize(text, add_special=at_start)
         return self._on_a_server(self.pool.servers, 1, call)
 
     # ----- preludes -----------------------------------------------------------------------------
@@ -199,12 +206,10 @@ class ServerBackend(Backend):
         one); how, and in which slot."""
         name = self._slot_file(state, tokens) if store else None
         restored = self._restore_into(state, name, 1)[0:1] if name else []
+        api = _api(state)
         warm = SamplingOptions(temperature=0.0, max_tokens=1)
-        # llama-server evaluates the prompt and stops with n_predict 0; OpenAI servers need 1.
-        budget = 0 if state.info.kind is BackendKind.LLAMA_SERVER else 1
-        generated = state.client.complete(state.info.kind, self._model_id, tokens, 1,
-                                          sampling_fields(warm, state.info.kind, max_tokens=budget, seed=None),
-                                          slot=restored[0] if restored else None)
+        generated = api.complete(CompletionAsk(tokens, 1, warm, api.warm_up_tokens, None,
+                                               slot=restored[0] if restored else None))
         with self._lock:
             self.counters.server_cached_tokens += generated.cached_tokens or 0
         if store and not restored and generated.slot is not None:
@@ -225,7 +230,7 @@ class ServerBackend(Backend):
 
     def _slot_file(self, state: ServerState, tokens: list[int]) -> str | None:
         """The prelude's slot file, if this llama-server saved one."""
-        if self.index is None or state.info.kind is not BackendKind.LLAMA_SERVER:
+        if self.index is None or not _api(state).saves_slots:
             return None
         name = slot_file_name(self._model_id, tokens)
         return name if state.url in self.index.slot_servers(name) else None
@@ -233,10 +238,10 @@ class ServerBackend(Backend):
     def _restore_into(self, state: ServerState, name: str, count: int, besides: int | None = None) -> list[int]:
         """Load the slot file into up to `count` idle slots, the highest first (the server
         gives a request's other outputs the lowest free ones); the slots it went into."""
-        idle = sorted((slot for slot in state.client.idle_slots() if slot != besides), reverse=True)
+        idle = sorted((slot for slot in _api(state).idle_slots() if slot != besides), reverse=True)
         restored = []
         for slot in idle[:count]:
-            answer = state.client.restore_slot(slot, name)
+            answer = _api(state).restore_slot(slot, name)
             if answer is None or answer.tokens < 1:
                 log.info("%s has no usable slot file %s any more; computing the prelude", state.url, name)
                 self.index.forget_slot_file(name, state.url)
@@ -254,7 +259,7 @@ class ServerBackend(Backend):
         if self.index is None:
             return
         name = slot_file_name(self._model_id, tokens)
-        saved = state.client.save_slot(slot, name)
+        saved = _api(state).save_slot(slot, name)
         if saved is None:
             log.debug("%s saves no slots (started without --slot-save-path)", state.url)
             return
@@ -274,25 +279,47 @@ class ServerBackend(Backend):
 
     # ----- outputs -------------------------------------------------------------------------------
 
+    def check_grammar(self, grammar: str, source: str) -> None:
+        """Every server reached so far must take a schema or grammar (one reached later is
+        checked before its first constrained request)."""
+        for state in self.pool.servers:
+            if state.api is not None:
+                state.api.check_constraint(source)
+
     def generate(self, request: GenerationRequest, *, on_prefill: ProgressCallback | None = None,
                  on_step: StepCallback | None = None, on_text: TextCallback | None = None) -> list[list[Completion]]:
+        """All outputs, or IncompleteOutputsError naming those no server could make."""
+        rows = self.generate_results(request, on_prefill=on_prefill, on_step=on_step, on_text=on_text)
+        lost = []
+        for index, row in enumerate(rows):
+            failed = [result for result in row if isinstance(result, FailedOutput)]
+            if failed:
+                lost.append(f"prompt {index + 1} of {len(rows)}: {failed[0].reason}")
+        if lost:
+            raise IncompleteOutputsError(f"{request.label}: no server could make some outputs ({'; '.join(lost)})")
+        return [[result for result in row if isinstance(result, Completion)] for row in rows]
+
+    def generate_results(self, request: GenerationRequest, *, on_prefill: ProgressCallback | None = None,
+                         on_step: StepCallback | None = None,
+                         on_text: TextCallback | None = None) -> list[list[OutputResult]]:
         """All parts of all jobs at once: each server decodes as many as it has slots; each
-        answer's text goes to `on_text` whole, when it is complete."""
+        answer's text goes to `on_text` whole, when it is complete. An output whose servers
+        all failed is a FailedOutput; any other error fails the whole request."""
         for job in request.jobs:
             self.check_fits(request.prelude, job.full)
         ranking = self.pool.ranking(tokens_digest(request.prelude))
         parts = _split(request)
         loads = _Loads(copies=len(parts))
-        failures: dict[int, str] = {}
+        failures: dict[int, str] = {}  # part index -> why its outputs not yet done were not made
         with ThreadPoolExecutor(max_workers=min(MAX_WORKERS, len(parts))) as workers:
             futures = [workers.submit(self._run_part, request, part, ranking, loads, on_step, on_text)
                        for part in parts]
             first_error: BaseException | None = None
-            for part, future in zip(parts, futures):
+            for index, future in enumerate(futures):
                 try:
                     future.result()
                 except ServerDownError as error:
-                    failures.setdefault(part.job, str(error))
+                    failures[index] = str(error)
                 except BaseException as error:  # a 4xx, context overflow, ...: the whole request fails
                     first_error = first_error or error
             if first_error is not None:
@@ -302,27 +329,26 @@ class ServerBackend(Backend):
                  loads.prompt_tokens, "" if loads.cache_reported else " (the servers do not report it)")
         if on_prefill is not None and loads.first is not None and loads.first.computed_tokens:
             on_prefill(loads.first.computed_tokens, loads.first.computed_tokens)
-        completed = _assemble(request, parts, failures)
-        if failures:
-            lost = "; ".join(f"prompt {job + 1} of {len(request.jobs)}: {error}" for job, error in failures.items())
-            raise IncompleteOutputsError(f"{request.label}: no server could make some outputs ({lost})", completed)
-        return completed  # type: ignore[return-value]
+        return _assemble(request, parts, failures)
 
     def _run_part(self, request: GenerationRequest, part: _Part, ranking: list[ServerState],
                   loads: "_Loads", on_step: StepCallback | None, on_text: TextCallback | None) -> None:
         job = request.jobs[part.job]
         budget = self.answer_budget(job.full, request.sampling, request.label)
         sampling = request.sampling.as_greedy() if part.greedy else request.sampling
+        constraint = job.constraint
         while len(part.done) < len(part.positions):
             wanted = len(part.positions) - len(part.done)
 
             def call(state: ServerState, granted: int) -> Generated:
+                api = _api(state)
+                if constraint is not None:
+                    api.check_constraint(request.label)
                 if request.store:
                     loads.warmed(self._warm_up(state, request.prelude, request.label, store=True,
                                                copies=loads.copies))
                 seed = None if part.greedy else part.first_seed + part.offset + len(part.done)
-                fields = sampling_fields(sampling, state.info.kind, max_tokens=budget, seed=seed)
-                generated = state.client.complete(state.info.kind, self._model_id, job.full, granted, fields)
+                generated = api.complete(CompletionAsk(job.full, granted, sampling, budget, seed, constraint))
                 loads.answered(self._load_of(request.prelude, generated, False))
                 return generated
             generated = self._on_a_server(ranking, wanted, call, what=f"{request.label}: {wanted} outputs")
@@ -420,10 +446,21 @@ def _split(request: GenerationRequest) -> list[_Part]:
     return parts
 
 
-def _assemble(request: GenerationRequest, parts: list[_Part],
-              failures: dict[int, str]) -> list[list[Completion] | None]:
-    results: list[list[Completion | None]] = [[None] * len(job.seeds) for job in request.jobs]
-    for part in parts:
-        for pos, completion in zip(part.positions, part.done):
-            results[part.job][pos] = completion
-    return [None if index in failures else row for index, row in enumerate(results)]  # type: ignore[misc]
+def _assemble(request: GenerationRequest, parts: list[_Part], failures: dict[int, str]) -> list[list[OutputResult]]:
+    """Each job's results in seed order: the part's completions, then a FailedOutput for each
+    output its part did not make."""
+    results: list[dict[int, OutputResult]] = [{} for _ in request.jobs]
+    for index, part in enumerate(parts):
+        seeds = request.jobs[part.job].seeds
+        for position, completion in zip(part.positions, part.done):
+            results[part.job][position] = completion
+        for position in part.positions[len(part.done):]:
+            results[part.job][position] = FailedOutput(seeds[position], failures.get(index, "not made"))
+    return [[row[position] for position in range(len(job.seeds))] for row, job in zip(results, request.jobs)]
+
+
+def _api(state: ServerState) -> ServerApi:
+    """The client of a server that answered its probe (_on_a_server probes before calling)."""
+    if state.api is None:
+        raise ServerError(f"{state.url} was used before it was probed; report this bug")
+    return state.api

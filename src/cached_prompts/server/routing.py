@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cached_prompts.server.api import ServerClient, ServerInfo
+from cached_prompts.server.api import ServerApi, ServerInfo
+from cached_prompts.server.http import HttpConnection
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ BACKOFF_MAX = 60.0
 class ServerState:
     """One server as the pool sees it."""
 
-    client: ServerClient
-    info: ServerInfo | None = None  # None until it answered a probe
+    http: HttpConnection
+    api: ServerApi | None = None  # its protocol's client; None until it answered a probe
     capacity: int = 1  # outputs (llama-server slots) it decodes at once
     in_flight: int = 0
     down_until: float = 0.0
@@ -41,7 +42,11 @@ class ServerState:
 
     @property
     def url(self) -> str:
-        return self.client.url
+        return self.http.url
+
+    @property
+    def info(self) -> ServerInfo | None:
+        return self.api.info if self.api is not None else None
 
 
 def rank_servers(servers: list[ServerState], digest: str) -> list[ServerState]:
