@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from cached_prompts.backend.interface import GenerationRequest, PromptJob
+from cached_prompts.backend.interface import GenerationRequest, PromptJob, StopReason
 from cached_prompts.errors import ConstraintError, ServerError
 from cached_prompts.options import SamplingOptions, ServerOptions
 from cached_prompts.server.backend import ServerBackend
 from cached_prompts.server.openai_api import StructuredDialect
+from cached_prompts.workspace.records import read_record
 
 from .server_fixtures import CannedServer
 
@@ -76,7 +77,10 @@ def test_a_sound_answer_is_written(cli, workspace: Path, canned_server) -> None:
     code, err = run_outputs(cli, workspace, canned_server)
     assert code == 0, err
     assert len(outputs_made(workspace)) == 6  # 3 prompts: an output and its record each
-    assert (workspace / "test_prompts_outputs" / "dictionary---river.output-0.txt").read_text("utf-8") == "A river."
+    output = workspace / "test_prompts_outputs" / "dictionary---river.output-0.txt"
+    assert output.read_text("utf-8") == "A river."
+    record = read_record(output)
+    assert record is not None and record.stop_reason is StopReason.END_TOKEN and record.generated_tokens == 3
 
 
 # ----- what is sent to constrain outputs -----------------------------------------------------------
