@@ -23,6 +23,7 @@ import pytest
 from cached_prompts.commands.outputs import outputs_test_prompts
 from cached_prompts.commands.run_events import RunObserver
 from cached_prompts.commands.watch import watched_kind
+from cached_prompts.errors import InputsChangedError
 from cached_prompts.workspace.layout import Workspace
 
 from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, prompt_for, write
@@ -257,8 +258,9 @@ def test_only_inputs_sidecars_and_outputs_count_not_editors_scratch_files(tmp_pa
 class _EditsWhileMaking(RunObserver):
     """Saves the prompt again while its outputs are being made, as an editor would."""
 
-    def __init__(self, prompt: Path) -> None:
+    def __init__(self, prompt: Path, *, abandon: bool = False) -> None:
         self.prompt, self.heard = prompt, []
+        self.abandon_when_inputs_change = abandon
 
     def generating(self, outputs: list[Path], what: str, budget: int) -> None:
         self.prompt.write_text(prompt_for("ocean"), encoding="utf-8")
@@ -314,3 +316,14 @@ def test_with_a_llama_server_each_answer_shows_when_complete(tmp_path: Path, sta
     assert [entry["output"] for entry in text] == [output.name]
     assert text[0]["text"] == output.read_text(encoding="utf-8")  # whole, as the server answered it
     assert watch.interrupt() == 130
+
+
+def test_watch_abandons_outputs_of_an_input_that_changed_at_once(tmp_path: Path, make_runner) -> None:
+    root = small_workspace(tmp_path / "ws")
+    prompt = root / "test_prompts" / "dictionary---river.txt"
+    output = root / OUTPUTS / "dictionary---river.output-deterministic.txt"
+    observer = _EditsWhileMaking(prompt, abandon=True)
+    with pytest.raises(InputsChangedError, match="dictionary---river.txt changed while its outputs were made"):
+        outputs_test_prompts(Workspace(root), make_runner(None), GREEDY, 1, True, False, observer=observer)
+    assert not output.exists()
+    assert observer.heard == [([output], "dictionary---river.txt changed while its outputs were made")]

@@ -73,3 +73,8 @@ class ServerDownError(ServerError):
 class IncompleteOutputsError(ServerError):
     """Some outputs of a request could be made on no server (Backend.generate; each output's
     own result comes from Backend.generate_results)."""
+
+
+class InputsChangedError(CachedPromptsError):
+    """An input changed while its outputs were being made: they are abandoned (watch makes
+    them again from the new text)."""

@@ -18,7 +18,7 @@ from cached_prompts.backend.interface import (Backend, Completion, FailedOutput,
 from cached_prompts.errors import ContextOverflowError, IncompleteOutputsError, InputFileError
 from cached_prompts.options import SamplingOptions, derive_seed
 from cached_prompts.commands.progress import Progress
-from cached_prompts.commands.run_events import QUIET, InputStamp, RunObserver
+from cached_prompts.commands.run_events import QUIET, ChangeCheck, InputStamp, RunObserver
 from cached_prompts.workspace.records import OutputRecord, new_run_id, utc_now, write_records
 from cached_prompts.method.constraints import load_constraint
 from cached_prompts.workspace.outputs import ModelIdentity, OutputKey, OutputSet, StaleReason
@@ -249,10 +249,13 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
     observer = report.observer
     making = [path for item in batch for path in item.outputs]
     observer.generating(making, f"{name}: {described}", budget)
+    check = ChangeCheck([item.seen for item in batch]) if observer.abandon_when_inputs_change else None
 
     def step(new: int) -> None:
         progress.generated(new, described, budget)
         observer.step(new)
+        if check is not None:
+            check()
 
     try:
         results = backend.generate_results(request, on_prefill=progress.prefill, on_step=step,

@@ -8,12 +8,21 @@ so an observer must be quick (it may hand the news to another thread) and must n
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from cached_prompts.errors import InputsChangedError
+
+CHANGE_CHECK_SECONDS = 0.25  # how often outputs being made look at their inputs (a few stat calls)
 
 
 class RunObserver:
     """Hears a run; this base class ignores everything."""
+
+    # True: outputs whose input changes while they are made are abandoned at once (the run
+    # stops with InputsChangedError) instead of being finished and not written.
+    abandon_when_inputs_change = False
 
     def generating(self, outputs: list[Path], what: str, budget: int) -> None:
         """`outputs` are being made now (`what` says which, for a status line); together they
@@ -53,7 +62,11 @@ class InputStamp:
         return InputStamp(self.paths + other.paths, self.marks + other.marks)
 
     def changed(self) -> bool:
-        return InputStamp.take(list(self.paths)).marks != self.marks
+        return bool(self.changed_paths())
+
+    def changed_paths(self) -> list[Path]:
+        now = InputStamp.take(list(self.paths)).marks
+        return [path for path, before, after in zip(self.paths, self.marks, now) if before != after]
 
 
 def _mark(path: Path) -> tuple[int, int] | None:
@@ -62,3 +75,22 @@ def _mark(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_size, info.st_mtime_ns
+
+
+class ChangeCheck:
+    """Called after each decode step: raises InputsChangedError once an input of the outputs
+    being made has changed since it was read (looked at every CHANGE_CHECK_SECONDS)."""
+
+    def __init__(self, stamps: list[InputStamp]) -> None:
+        self._stamps = stamps
+        self._next = 0.0  # the first step looks at once
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + CHANGE_CHECK_SECONDS
+        changed = sorted({path.name for stamp in self._stamps for path in stamp.changed_paths()})
+        if changed:
+            raise InputsChangedError(f"{', '.join(changed)} changed while {'its' if len(changed) == 1 else 'their'} "
+                                     "outputs were made")

@@ -13,12 +13,13 @@ Files are watched with watchfiles (inotify where there is one). What counts:
 Changes are grouped until the folder has been quiet for STEP_MS (at most DEBOUNCE_MS), so an
 editor's save (truncate + write, or write a temp file + rename) is one change.
 
-An input that changes while its outputs are being made: those outputs are *not written*
-(commands/outputs.py compares each input's size and modification time when it was read with
-those at the moment of writing), and the round that the change starts makes them again from the
-new text. Writing them and marking them stale would leave outputs that look fresh (newer than
-the input) but answer the old text. A file half-written when read is the same case: the rest of
-the write changes it again. Deleted inputs leave their outputs alone (the report lists them as
+An input that changes while its outputs are being made: those outputs are *not written*. The
+watcher abandons them as soon as a decode step sees the change (run_events.ChangeCheck, every
+0.25 s), and the round that the change starts makes them again from the new text; the plain
+commands finish them and do not write them (each input's size and modification time when it
+was read are compared with those at the moment of writing). Writing them and marking them stale
+would leave outputs that look fresh (newer than the input) but answer the old text. A file
+half-written when read is the same case: the rest of the write changes it again. Deleted inputs leave their outputs alone (the report lists them as
 outputs whose input is gone); a renamed input is a new input whose outputs are made.
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from cached_prompts.backend.interface import Backend
 from cached_prompts.commands.outputs import output_keys, outputs_for_drafts, outputs_test_prompts
 from cached_prompts.commands.run_events import RunObserver
-from cached_prompts.errors import CachedPromptsError, InputFileError
+from cached_prompts.errors import CachedPromptsError, InputFileError, InputsChangedError
 from cached_prompts.options import SamplingOptions
 from cached_prompts.workspace.layout import (CONFIG_FILE, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS,
                                              TEST_PROMPTS_OUTPUTS, Workspace, remove_stale_output_temp_files)
@@ -53,6 +54,8 @@ DEBOUNCE_MS = 1500  # the longest a group of changes waits
 class WatchListener(RunObserver):
     """Hears the watcher too: rounds, changes on disk, problems. The live page implements it.
     `changed` comes from the file-watching thread, everything else from the round's thread."""
+
+    abandon_when_inputs_change = True  # the next round makes them from the new text
 
     def changed(self, paths: list[Path]) -> None:
         """Workspace files changed on disk (inputs or outputs)."""
@@ -114,6 +117,8 @@ def make_round(workspace: Workspace, backend: Backend, sampling: SamplingOptions
                                             False, observer=listener)):
             result.written += report.written
             result.skipped += report.skipped
+    except InputsChangedError as error:  # the round that the change starts makes them again
+        log.info("%s: they are made again from the new text", error)
     except CachedPromptsError as error:  # a server down, a full disk...: said, and tried again on the next change
         log.error("%s", error)
         result.problem = str(error)
