@@ -40,3 +40,19 @@ def test_text_that_may_still_become_a_stop_string_is_held_back() -> None:
         assert "S" not in shown
     shown += collector.take_new(final=True)
     assert shown == collector.finish() == "abc"
+
+
+def test_llama_server_streams_each_output_and_the_pieces_add_up(llama_servers, tmp_path) -> None:
+    from cached_prompts.options import ServerOptions
+    from cached_prompts.server.backend import ServerBackend
+
+    server = llama_servers(parallel=3)
+    with ServerBackend(ServerOptions(servers=[server.url], server_api="llama"), None, fallback_n_ctx=1024) as backend:
+        prelude = backend.prelude_tokens(PRELUDE, "p")
+        full = backend.joint_tokens(PRELUDE, prompt_for("river"))
+        request = GenerationRequest(prelude, [PromptJob(full, [None, 7, 8])], SamplingOptions(max_tokens=12), "p")
+        streamed: dict[int, list[str]] = {}
+        completions = backend.generate(request, on_text=lambda job, k, text: streamed.setdefault(k, []).append(text))
+    assert {k: "".join(pieces) for k, pieces in streamed.items()} == \
+        {k: c.text for k, c in enumerate(completions[0]) if c.text}
+    assert any(len(pieces) > 1 for pieces in streamed.values())  # token by token, not whole

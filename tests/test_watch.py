@@ -295,11 +295,14 @@ def read_events(lines: Iterator[str], wanted: str) -> dict:
     raise AssertionError(f"the live channel ended before a {wanted} event")
 
 
-def test_with_a_llama_server_each_answer_shows_when_complete(tmp_path: Path, start_watch, llama_servers) -> None:
+@pytest.mark.parametrize("api", ["llama", "openai"])
+def test_with_a_server_answers_stream_or_show_when_complete(tmp_path: Path, start_watch, llama_servers,
+                                                            api: str) -> None:
+    """llama-server streams (`stream: true`); through its OpenAI-compatible API each answer comes whole."""
     server = llama_servers(parallel=2)
     root = small_workspace(tmp_path / "ws")
     output = root / OUTPUTS / "dictionary---river.output-deterministic.txt"
-    watch = start_watch(root, "--server", server.url, "-d", "--max-tokens", "8")
+    watch = start_watch(root, "--server", server.url, "--server-api", api, "-d", "--max-tokens", "8")
     wait_for_file(output)
     made = output.stat().st_mtime_ns
     with httpx.stream("GET", watch.url + "events", timeout=WAIT_MS / 1000) as events:
@@ -307,15 +310,28 @@ def test_with_a_llama_server_each_answer_shows_when_complete(tmp_path: Path, sta
         lines = events.iter_lines()
         read_events(lines, "status")  # connected
         (root / "test_prompts" / "dictionary---river.txt").write_text(prompt_for("lake"), encoding="utf-8")
-        started = read_events(lines, "started")
-        assert started["outputs"] == [output.name]
-        text = read_events(lines, "text")["outputs"]
-        ended = read_events(lines, "ended")
-    assert ended["outputs"] == [output.name]
+        assert read_events(lines, "started")["outputs"] == [output.name]
+        pieces = []
+        while True:
+            event, data = next_event(lines, {"text", "ended"})
+            if event == "ended":
+                break
+            pieces += data["outputs"]
+    assert data["outputs"] == [output.name]
     wait_for_file(output, newer_than_ns=made)
-    assert [entry["output"] for entry in text] == [output.name]
-    assert text[0]["text"] == output.read_text(encoding="utf-8")  # whole, as the server answered it
+    assert {entry["output"] for entry in pieces} == {output.name}
+    assert "".join(entry["text"] for entry in pieces) == output.read_text(encoding="utf-8")
     assert watch.interrupt() == 130
+
+
+def next_event(lines: Iterator[str], wanted: set[str]) -> tuple[str, dict]:
+    event = ""
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: ") and event in wanted:
+            return event, json.loads(line[len("data: "):])
+    raise AssertionError(f"the live channel ended before a {wanted} event")
 
 
 def test_watch_abandons_outputs_of_an_input_that_changed_at_once(tmp_path: Path, make_runner) -> None:

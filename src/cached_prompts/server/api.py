@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -51,6 +52,8 @@ class CompletionAsk:
     seed: int | None  # of the first answer; None: greedy (seed 0, temperature 0)
     constraint: OutputConstraint | None = None  # a schema is sent as such, else the grammar
     slot: int | None = None  # llama-server: the slot to use
+    # (answer index, new text): a client that can stream sends each answer's text as it comes
+    on_text: Callable[[int, str], None] | None = None
 
     def answer_limit(self, request_bytes: int) -> int:
         """The most bytes a sound answer can have. llama-server echoes each answer's settings
@@ -68,6 +71,7 @@ class Generated:
     cached_tokens: int | None  # prompt tokens the server took from its cache; None: not reported
     slot: int | None  # llama-server's slot that evaluated the prompt
     stop_reasons: list[StopReason | None] = field(default_factory=list)  # per text; None: not said
+    streamed: int = 0  # text pieces already handed to CompletionAsk.on_text (0: not streamed)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,7 +349,8 @@ class ServerBackend(Backend):
                     loads.warmed(self._warm_up(state, request.prelude, request.label, store=True,
                                                copies=loads.copies))
                 seed = None if part.greedy else part.first_seed + part.offset + len(part.done)
-                generated = api.complete(CompletionAsk(job.full, granted, sampling, budget, seed, constraint))
+                generated = api.complete(CompletionAsk(job.full, granted, sampling, budget, seed, constraint,
+                                                       on_text=self._streamer(part, on_text)))
                 loads.answered(self._load_of(request.prelude, generated, False))
                 return generated
             generated = self._on_a_server(ranking, wanted, call, what=f"{request.label}: {wanted} outputs")
@@ -364,8 +366,22 @@ class ServerBackend(Backend):
                 if on_step is not None:
                     on_step(sum(generated.tokens))
                 for j, text in enumerate(generated.texts):
-                    if on_text is not None and text:
+                    if on_text is not None and text and not generated.streamed:  # whole, when complete
                         on_text(part.job, part.positions[already + j], text)
+
+    def _streamer(self, part: _Part, on_text: TextCallback | None) -> Callable[[int, str], None] | None:
+        """For a client that streams: answer j of the request in flight is the part's output
+        len(part.done) + j. (A server that fails mid-answer may have sent part of a text that
+        another server then sends whole: the page shows the written file in the end.)"""
+        if on_text is None:
+            return None
+        first = len(part.done)
+
+        def text(index: int, piece: str) -> None:
+            if 0 <= first + index < len(part.positions):  # a server's index is not trusted
+                with self._lock:
+                    on_text(part.job, part.positions[first + index], piece)
+        return text
 
     def _on_a_server(self, ranking: list[ServerState], wanted: int, call: Any, *, what: str = "tokenizing") -> Any:
         """`call(server, outputs granted)` on the first server of `ranking` that is up and has

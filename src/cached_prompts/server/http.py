@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -53,6 +54,31 @@ class HttpConnection:
                   missing_ok: bool = False) -> Any:
         return self._json(path, self._send("POST", path, limit=limit, missing_ok=missing_ok, json=body,
                                            params=params))
+
+    def post_events(self, path: str, body: dict[str, Any], *, limit: int) -> Iterator[Any]:
+        """The JSON of each `data:` line of a streamed answer (server-sent events), read with the
+        same limit on the whole answer and the same errors as post_json."""
+        try:
+            with self._http.stream("POST", path, json=body) as response:
+                if not response.is_success:
+                    self._raise_for(response.status_code, response.reason_phrase,
+                                    _read_at_most(response, MAX_ERROR_BYTES)[0], path)
+                read = 0
+                for line in response.iter_lines():
+                    read += len(line) + 1
+                    if read > limit:
+                        raise self._too_large(path, limit, "sent an answer of more bytes")
+                    if line.startswith("data: ") and line[6:].strip() != "[DONE]":
+                        yield self._json(path, line[6:].encode("utf-8"))
+        except httpx.TimeoutException:
+            raise ServerDownError(f"{self.url}{path} gave no answer within {self.timeout:g} s; the server may "
+                                  "be overloaded or stuck (raise --server-timeout to wait longer)") from None
+        except httpx.ConnectError:
+            raise ServerDownError(f"{self.url} cannot be reached (connection refused or no such host); "
+                                  "is the server running there?") from None
+        except httpx.TransportError as error:
+            raise ServerDownError(f"{self.url} dropped the connection ({_describe_transport(error)}); "
+                                  "did the server stop?") from None
 
     def get_text(self, path: str, *, limit: int = SMALL_ANSWER_BYTES) -> str:
         data = self._send("GET", path, limit=limit)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from cached_prompts.backend.interface import BackendKind, StopReason
@@ -66,10 +67,14 @@ class LlamaServerApi(ServerApi):
             else:
                 body["grammar"] = ask.constraint.grammar
         limit = ask.answer_limit(len(json.dumps(body)))
-        answer = self.http.post_json("/completion", body, limit=limit)
         where = f"{self.url}/completion"
-        results = [parse_answer(LlamaCompletion, item, where) for item in (answer if isinstance(answer, list)
-                                                                              else [answer])]
+        streamed = 0
+        if ask.on_text is not None:
+            results, streamed = self._streamed(body, limit, ask.on_text)
+        else:
+            answer = self.http.post_json("/completion", body, limit=limit)
+            results = [parse_answer(LlamaCompletion, item, where) for item in (answer if isinstance(answer, list)
+                                                                                  else [answer])]
         if len(results) != ask.n:
             raise ServerError(f"{where} answered {len(results)} completions, not {ask.n}")
         results.sort(key=lambda result: result.index)
@@ -77,7 +82,25 @@ class LlamaServerApi(ServerApi):
         return Generated(texts=[r.content for r in results], tokens=[r.tokens_predicted for r in results],
                          prompt_tokens=first.tokens_evaluated,
                          cached_tokens=first.timings.cache_n if first.timings else None, slot=first.id_slot,
-                         stop_reasons=[_stop_reason(r) for r in results])
+                         stop_reasons=[_stop_reason(r) for r in results], streamed=streamed)
+
+    def _streamed(self, body: dict[str, Any], limit: int,
+                  on_text: Callable[[int, str], None]) -> tuple[list[LlamaCompletion], int]:
+        """`stream: true`: each token's text as it is decoded, then per answer a last event
+        (`stop: true`) with the counts; the answers, with their whole text, and the pieces sent."""
+        where = f"{self.url}/completion"
+        texts: dict[int, list[str]] = {}
+        finished: list[LlamaCompletion] = []
+        pieces = 0
+        for event in self.http.post_events("/completion", {**body, "stream": True}, limit=limit):
+            chunk = parse_answer(LlamaCompletion, event, where)
+            if chunk.content:
+                texts.setdefault(chunk.index, []).append(chunk.content)
+                on_text(chunk.index, chunk.content)
+                pieces += 1
+            if isinstance(event, dict) and event.get("stop"):
+                finished.append(chunk.model_copy(update={"content": "".join(texts.get(chunk.index, []))}))
+        return finished, pieces
 
     # ----- slot files ------------------------------------------------------------------------------
 
