@@ -75,13 +75,20 @@ class _Making:
     """An output being made."""
 
     name: str
-    started: float = field(default_factory=time.monotonic)
     text: str = ""
     pieces: int = 0  # one per decoded token that added text
+    first_at: float = 0.0  # when the first piece came (the rate leaves the prompt's prefill out)
+
+    def add(self, piece: str) -> None:
+        if not self.pieces:
+            self.first_at = time.monotonic()
+        self.text += piece
+        self.pieces += 1
 
     def entry(self, new: str) -> dict[str, Any]:
-        seconds = max(time.monotonic() - self.started, 1e-3)
-        return {"output": self.name, "text": new, "tokens": self.pieces, "rate": self.pieces / seconds}
+        seconds = time.monotonic() - self.first_at
+        rate = (self.pieces - 1) / seconds if self.pieces > 1 and seconds > 0 else 0.0
+        return {"output": self.name, "text": new, "tokens": self.pieces, "rate": rate}
 
 
 @dataclass
@@ -215,8 +222,7 @@ class LiveReport(WatchListener):
             making = self._making.get(output.name)
             if making is None:
                 return
-            making.text += piece
-            making.pieces += 1
+            making.add(piece)
             self._pending[output.name] = self._pending.get(output.name, "") + piece
         self._schedule_flush()
 

@@ -12,7 +12,7 @@
   status.className = "live-status";
   status.setAttribute("role", "status");
   status.textContent = "connecting to the watcher…";
-  toolbar.parentNode.insertBefore(status, toolbar.nextSibling);
+  toolbar.appendChild(status); // in the sticky toolbar: in sight while scrolling
 
   // ----- outputs being generated ---------------------------------------------------------------
   function cardOf(name) {
