@@ -42,6 +42,9 @@ MAX_DEATHS_IN_A_ROW = 3
 # Tokens of recent texts, kept here: the REPL tokenizes a request's prelude again for every
 # request, and each call to the worker is a round trip through two pipes.
 TOKENS_KEPT = 64
+# Kept preludes registered again in a new worker (the most recent ones; the others are found
+# in the disk cache anyway, which is what list_preludes reads).
+KEPT_REGISTERED_AGAIN = 256
 TOKENS_KEPT_MAX_CHARS = 1 << 16
 CLOSE_WAIT_SECONDS = 30.0
 WORKER_MODULE = "cached_prompts.local.worker_main"
@@ -284,7 +287,10 @@ class WorkerBackend(Backend):
 
     def keep_prelude(self, label: str, tokens: list[int], kind: PreludeKind) -> None:
         self._call("keep_prelude", (label, tokens, kind), {})
+        self._kept.pop((label, kind), None)  # the most recently kept last
         self._kept[(label, kind)] = list(tokens)
+        if len(self._kept) > KEPT_REGISTERED_AGAIN:
+            del self._kept[next(iter(self._kept))]
 
     def drop_prelude(self, label: str, kind: PreludeKind) -> int:
         self._kept.pop((label, kind), None)

@@ -9,9 +9,7 @@ only it: the parent reports the crash and starts another.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import dataclasses
 import inspect
 import logging
@@ -20,6 +18,8 @@ import pickle
 import select
 import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Any, BinaryIO
 
@@ -30,9 +30,6 @@ from cached_prompts.local.worker_protocol import (Abort, Activity, Call, CallAbo
                                                   Failed, LogLine,
                                                   Ready, Returned, Start, StreamClosed, open_pipe_ends, read_message,
                                                   write_message)
-
-PR_SET_PDEATHSIG = 1
-
 
 class _ForwardLogs(logging.Handler):
     """Each record as a LogLine to the parent, whose logging formats and filters it."""
@@ -51,10 +48,19 @@ class _ForwardLogs(logging.Handler):
             pass
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when the parent dies, even mid-computation."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with_parent(interval: float = 1.0) -> None:
+    """End this process soon after the parent is gone, even in the middle of a computation
+    (its pipe's end is noticed only between calls). Not PR_SET_PDEATHSIG: that fires when the
+    parent's *thread* that started the worker ends, and a worker may be restarted by any thread."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def take_counters(counters: Counters) -> Counters:
