@@ -17,7 +17,7 @@ from cached_prompts.local.worker import WorkerBackend
 from cached_prompts.method.promote import promote
 from cached_prompts.options import EngineOptions, SamplingOptions
 from cached_prompts.repl.session import Session
-from cached_prompts.server.api import ServerClient
+from cached_prompts.server.http import HttpConnection
 from cached_prompts.server.routing import ServerPool, ServerState
 from cached_prompts.workspace.layout import Workspace
 from cached_prompts.workspace.records import OutputRecord, write_records
@@ -209,7 +209,7 @@ def test_promote_as_a_path_blames_the_slash(workspace: Path) -> None:
 
 
 def test_a_server_warning_has_a_full_stop_before_the_advice(caplog: pytest.LogCaptureFixture) -> None:
-    pool = ServerPool([ServerState(ServerClient("http://127.0.0.1:9", timeout=1.0))])
+    pool = ServerPool([ServerState(HttpConnection("http://127.0.0.1:9", timeout=1.0))])
     with caplog.at_level(logging.WARNING):
         pool.mark_down(pool.servers[0], RuntimeError("http://127.0.0.1:9: HTTP 500: boom"))
     assert caplog.messages == ["http://127.0.0.1:9: HTTP 500: boom. Its work moves to the next server; it is "
