@@ -406,6 +406,9 @@ def test_eviction_removes_the_least_recently_used_and_use_refreshes(tmp_path: Pa
 # ----- clear errors, nothing lost --------------------------------------------------------------
 
 
+IN_PROCESS = ("--lp-engine-process", "in-process")  # the monkeypatched functions run in this process
+
+
 def _no_space(monkeypatch: pytest.MonkeyPatch, only_in: Path | None = None) -> None:
     """A full disk: every write fails, or only those of files placed in `only_in`."""
     real_fsync, real_replace = os.fsync, os.replace
@@ -429,7 +432,7 @@ def test_a_cache_without_room_is_warned_about_and_the_outputs_are_still_made(
     root = build_workspace(tmp_path / "ws")
     cache = root / "llm_cache"
     _no_space(monkeypatch, only_in=cache)
-    code, _, err = cli(root, "outputs-test-prompts", "--deterministic", *MAX_TOKENS)
+    code, _, err = cli(root, "outputs-test-prompts", "--deterministic", *MAX_TOKENS, *IN_PROCESS)
     monkeypatch.undo()
     assert code == 0 and error_lines(err) == [], err
     assert outputs(root) == reference
@@ -445,10 +448,10 @@ def test_a_full_disk_stops_only_what_cannot_be_written_and_loses_nothing(
     before_outputs, before_cache = outputs(root), entry_names(root / "llm_cache")
     write(root / "preludes" / "new.txt", PRELUDE + "new<|im_end|>\n")
     _no_space(monkeypatch)
-    code, _, err = cli(root, "precache-preludes")
+    code, _, err = cli(root, "precache-preludes", *IN_PROCESS)
     assert code == 0 and error_lines(err) == [], err  # a state not stored is recomputed when needed
     assert "no space left on the disk while writing" in err and "free some space" in err
-    code, _, err = cli(root, "outputs-test-prompts", "--deterministic", "--force-outputs", *MAX_TOKENS)
+    code, _, err = cli(root, "outputs-test-prompts", "--deterministic", "--force-outputs", *MAX_TOKENS, *IN_PROCESS)
     assert code == 1 and len(error_lines(err)) == 1 and "test_prompts_outputs" in err, err
     monkeypatch.undo()
     assert outputs(root) == before_outputs == reference

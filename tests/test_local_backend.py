@@ -128,7 +128,8 @@ def test_a_full_disk_costs_the_cache_entry_not_the_outputs(cli, workspace: Path,
         real_atomic_write(path, no_space(), **kwargs)
 
     monkeypatch.setattr(cache_module, "atomic_write", full_disk)
-    code, _, err = cli(workspace, "outputs-test-prompts", "-d", "--max-tokens", "2")
+    code, _, err = cli(workspace, "outputs-test-prompts", "-d", "--max-tokens", "2",
+                       "--lp-engine-process", "in-process")  # the patched function runs in this process
     assert code == 0, err
     assert len(list((workspace / OUTPUTS).glob("*.txt"))) == 3
     assert "was not stored" in err

@@ -14,7 +14,8 @@ tests/test_layers.py enforces it):
     fs/                        bounded regular-file reads, atomic writes, locks
     backend/                   the Backend interface and its request/answer types
     cache/                     the on-disk store of prelude states
-    local/, server/            the two kinds of backend: llama.cpp in-process, HTTP servers
+    local/, server/            the two kinds of backend: llama.cpp (in a worker process, or in this
+                               one), HTTP servers
     workspace/                 the workspace's folders, output sets and their freshness, records
     method/                    chat formats, promote, scoring, init, structured-output constraints
     commands/                  the workspace commands as library functions
@@ -43,11 +44,12 @@ __all__ = [
     "CachedPromptsError",
     "EngineOptions", "SamplingOptions", "ServerOptions",
     "Workspace", "OutputSet",
-    "LocalBackend", "ServerBackend", "open_backend",
+    "LocalBackend", "WorkerBackend", "ServerBackend", "open_backend",
 ]
 
 _LAZY = {
     "LocalBackend": ("cached_prompts.local.backend", "LocalBackend"),
+    "WorkerBackend": ("cached_prompts.local.worker", "WorkerBackend"),
     "ServerBackend": ("cached_prompts.server.backend", "ServerBackend"),
     "open_backend": ("cached_prompts.commands.choose_backend", "open_backend"),
 }

@@ -32,6 +32,29 @@ class UnsupportedByBackendError(CachedPromptsError):
     prompt tokens); the message names what can."""
 
 
+class WorkerCrashError(EngineError):
+    """The worker process running llama.cpp died during a call (a signal such as SIGSEGV, or an
+    abort in C); a new worker was started, so later calls work again. `signal_name` is the
+    signal's name (None if it exited otherwise), `doing` what it was doing."""
+
+    def __init__(self, message: str, *, signal_name: str | None = None, doing: str = "") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.doing = doing
+
+    def __reduce__(self):  # pickled like any other error (keyword arguments included)
+        return (_rebuild_crash, (str(self), self.signal_name, self.doing))
+
+
+def _rebuild_crash(message: str, signal_name: str | None, doing: str) -> "WorkerCrashError":
+    return WorkerCrashError(message, signal_name=signal_name, doing=doing)
+
+
+class WorkerGaveUpError(EngineError):
+    """The llama.cpp worker died again and again with no call answered in between: the local
+    engine cannot be used any more in this process (the REPL ends, a command stops)."""
+
+
 class ContextOverflowError(CachedPromptsError):
     """A prelude or prompt does not fit into the context."""
 

@@ -21,12 +21,16 @@ log = logging.getLogger(__name__)
 
 KvType = Literal["f16", "q8_0", "q8_0-keys"]
 Repack = Literal["auto", "on", "off"]
+EngineProcess = Literal["worker", "in-process"]
 DEFAULT_CACHE_MAX_SIZE = "4G"
 # llama.cpp's limits on the context parameters (llama-context.cpp, ggml.h):
 MIN_N_CTX = 16  # (engine.Context also checks n_ctx and n_batch against the sequences it decodes)
 MAX_N_CTX = 1 << 30  # positions are int32 and n_ctx is padded to 256 as a uint32
 DEFAULT_MAX_N_UBATCH = 512
 MAX_THREADS = 512  # GGML_MAX_N_THREADS; far more threads than that crash ggml
+# One rule for every source (flags, cached-prompts.toml, REPL parameters): numbers are finite.
+# `--lp-temp inf` or `temperature = inf` would otherwise reach llama.cpp and the records (not JSON).
+ALLOW_INF_NAN = False
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -57,7 +61,7 @@ def _flag(flag: str, help_text: str, **extra: Any) -> dict[str, Any]:
 class SamplingOptions(BaseModel):
     """How answers are sampled; may change per request."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, allow_inf_nan=ALLOW_INF_NAN)
 
     temperature: float = Field(
         0.8, ge=0.0, validation_alias=AliasChoices("temperature", "temp"),
@@ -118,7 +122,7 @@ class SamplingOptions(BaseModel):
 class EngineOptions(BaseModel):
     """Which model and how its context is built; fixed for a process."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=ALLOW_INF_NAN)
 
     model_path: str | None = Field(
         None, json_schema_extra=_flag(
@@ -149,10 +153,20 @@ class EngineOptions(BaseModel):
         "auto", json_schema_extra=_flag(
             "--lp-repack", "weights in llama.cpp's repacked CPU layouts: on, off, or auto (on, except where "
                            "the CPU has AMX: llama.cpp's AMX path crashes there)"))
+    engine_process: EngineProcess = Field(
+        "worker", json_schema_extra=_flag(
+            "--lp-engine-process", "worker: llama.cpp runs in a process of its own, so that a crash inside it "
+                                   "is an error and the engine starts again (docs/robustness.md); in-process: "
+                                   "in this process (a crash there ends the run)"))
     cache_max_size: str = Field(
         DEFAULT_CACHE_MAX_SIZE, json_schema_extra=_flag(
             "--cache-max-size", "largest total size of llm_cache/, in bytes or with K, M, G, T "
             "(500M, 2G); least recently used entries are evicted beyond it"))
+    follow_links_outside: bool = Field(
+        False, json_schema_extra=_flag(
+            "--follow-links-outside", "follow symbolic links in the workspace (inputs, a preludes/ folder) that "
+                                      "lead outside it; by default only links to files inside it are read, since "
+                                      "a workspace may come from someone else"))
     # No global flag: `outputs-for-drafts` and `outputs-test-prompts` set it with their own --report.
     report: bool = Field(
         False, json_schema_extra={"help": "refresh report.html at the end of outputs-for-drafts and "
@@ -225,7 +239,7 @@ def normalize_server_url(value: str) -> str:
 class ServerOptions(BaseModel):
     """Servers that tokenize and generate instead of the local engine (none: the local engine)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=ALLOW_INF_NAN)
 
     servers: list[str] = Field(
         default_factory=list,

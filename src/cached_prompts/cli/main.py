@@ -65,6 +65,10 @@ def _add_option_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -
             continue  # set by a command's own flag (report: --report)
         arg_type, choices = _arg_type(info.annotation)
         default = info.get_default(call_default_factory=True)
+        if arg_type is bool:  # a switch: given means true (false is the default)
+            parser.add_argument(extra["flag"], dest=name, action="store_true", default=argparse.SUPPRESS,
+                                help=extra["help"])
+            continue
         help_text = f"{extra['help']} (default: {default})" if default not in (None, []) else extra["help"]
         kwargs: dict[str, Any] = {"dest": name, "type": arg_type, "help": help_text,
                                   "default": argparse.SUPPRESS, "metavar": name.upper()}
@@ -253,6 +257,7 @@ def run_command(args: argparse.Namespace) -> int:
     workspace = Workspace(Path(getattr(args, "root", Path.cwd())).resolve())
     workspace.check_exists()
     engine_options, sampling = resolve_options(args, workspace)
+    workspace = workspace.with_options(engine_options)
     verbose = getattr(args, "verbose", False)
     servers = server_options(workspace.load_config(), {k: v for k, v in vars(args).items() if k in OPTION_NAMES},
                              "options (command-line flags, $CACHED_PROMPTS_SERVER or cached-prompts.toml)")

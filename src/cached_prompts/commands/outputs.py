@@ -2,7 +2,8 @@
 
 They speak only to a `Backend` (backend.py). A per-file problem (bad name, missing prelude,
 not UTF-8, too long for the context) is logged and the file skipped while the others are
-still done; anything else stops the run.
+still done; so is an input during which the llama.cpp worker crashed (WorkerCrashError: a new
+worker takes the next input). Anything else stops the run.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from cached_prompts.backend.interface import (Backend, Completion, FailedOutput, GenerationRequest, OutputConstraint,
                                               PreludeKind, PreludeSource, PromptJob)
-from cached_prompts.errors import ContextOverflowError, IncompleteOutputsError, InputFileError
+from cached_prompts.errors import ContextOverflowError, IncompleteOutputsError, InputFileError, WorkerCrashError
 from cached_prompts.options import SamplingOptions, derive_seed
 from cached_prompts.commands.progress import Progress
 from cached_prompts.commands.run_events import QUIET, ChangeCheck, InputStamp, RunObserver
@@ -23,11 +24,11 @@ from cached_prompts.workspace.records import OutputRecord, new_run_id, utc_now, 
 from cached_prompts.method.constraints import load_constraint
 from cached_prompts.workspace.outputs import ModelIdentity, OutputKey, OutputSet, StaleReason
 from cached_prompts.workspace.recipe import Recipe
-from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, read_input_text,
+from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, PRELUDES, TEST_PROMPTS, Workspace, printable,
                         remove_stale_output_temp_files, write_output)
 
 log = logging.getLogger(__name__)
-SKIPPABLE = (InputFileError, ContextOverflowError)
+SKIPPABLE = (InputFileError, ContextOverflowError, WorkerCrashError)
 
 
 @dataclass
@@ -40,7 +41,8 @@ class RunReport:
     changed: list[Path] = field(default_factory=list)  # inputs that changed while their outputs were made
 
     def skip(self, path: Path, error: Exception) -> None:
-        log.error("skipped %s: %s", path.name, error)
+        log.error("%s %s: %s", "failed" if isinstance(error, WorkerCrashError) else "skipped", printable(path.name),
+                  error)
         self.skipped.append((path, str(error)))
 
 
@@ -91,8 +93,9 @@ class StaleOutputs:
 class PreludeTexts:
     """Reads and tokenizes each prelude file once per run."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, workspace: Workspace) -> None:
         self._backend = backend
+        self._workspace = workspace
         self._read: dict[Path, tuple[str, list[int]]] = {}
         self.stamps: dict[Path, InputStamp] = {}  # of each prelude, taken before it was read
 
@@ -100,7 +103,7 @@ class PreludeTexts:
         """(text, tokens) of a prelude file."""
         if path not in self._read:
             self.stamps[path] = InputStamp.take([path])
-            text = read_input_text(path)
+            text = self._workspace.read_input(path)
             self._read[path] = (text, self._backend.prelude_tokens(text, f"{PRELUDES}/{path.name}"))
         return self._read[path]
 
@@ -129,7 +132,7 @@ def precache_preludes(workspace: Workspace, backend: Backend) -> RunReport:
     """Compute and store every prelude's state; shorter ones first, so a prelude that
     extends another is built from the other's state."""
     report = RunReport()
-    preludes = PreludeTexts(backend)
+    preludes = PreludeTexts(backend, workspace)
     work: list[tuple[Path, list[int]]] = []
     for path in workspace.preludes():
         try:
@@ -140,7 +143,12 @@ def precache_preludes(workspace: Workspace, backend: Backend) -> RunReport:
     progress = Progress(len(work))
     for path, tokens in work:
         progress.start_item(f"{PRELUDES}/{path.name}", f"{len(tokens)} tokens")
-        load = backend.prepare_prelude(tokens, path.stem, on_prefill=progress.prefill)
+        try:
+            load = backend.prepare_prelude(tokens, path.stem, on_prefill=progress.prefill)
+        except WorkerCrashError as error:
+            progress.finish_item()
+            report.skip(path, error)
+            continue
         (report.written if load.computed_tokens else report.up_to_date).append(path)
         if load.source == PreludeSource.PREFIX:
             log.info("    built on a cached prefix of %d tokens", load.reused_tokens)
@@ -172,7 +180,7 @@ def outputs_for_drafts(workspace: Workspace, backend: Backend, sampling: Samplin
         draft = outputs.source
         try:
             seen = InputStamp.take(outputs.inputs())
-            tokens = backend.prelude_tokens(read_input_text(draft), f"{DRAFTS}/{draft.name}")
+            tokens = backend.prelude_tokens(workspace.read_input(draft), f"{DRAFTS}/{draft.name}")
             item = _Input(outputs, tokens, outputs.recipes(sampling), load_constraint(draft, backend), seen)
         except SKIPPABLE as error:
             report.skip(draft, error)
@@ -203,7 +211,7 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
         else:
             report.up_to_date.append(path)
     todo.sort(key=lambda outputs: (outputs.prelude.name, outputs.source.name))
-    preludes = PreludeTexts(backend)
+    preludes = PreludeTexts(backend, workspace)
     progress = Progress(len(todo))
     for prelude_path, group in groupby(todo, key=lambda outputs: outputs.prelude):
         ready: list[_Input] = []
@@ -211,7 +219,7 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
             try:
                 prelude_text, prelude = preludes(prelude_path)
                 seen = preludes.stamps[prelude_path] + InputStamp.take(outputs.own_inputs())
-                full = backend.joint_tokens(prelude_text, read_input_text(outputs.source))
+                full = backend.joint_tokens(prelude_text, workspace.read_input(outputs.source))
                 backend.check_fits(prelude, full)
                 ready.append(_Input(outputs, full, outputs.recipes(sampling), load_constraint(outputs.source, backend),
                                     seen))
@@ -260,6 +268,12 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
     try:
         results = backend.generate_results(request, on_prefill=progress.prefill, on_step=step,
                                            on_text=lambda job, k, piece: observer.text(batch[job].outputs[k], piece))
+    except WorkerCrashError as error:  # the inputs in flight failed; a new worker takes the next ones
+        for item in batch:
+            progress.finish_item()
+            report.skip(item.path, error)
+            observer.not_written(item.outputs, str(error))
+        return
     except BaseException as error:
         observer.not_written(making, str(error) or type(error).__name__)
         if not isinstance(error, ContextOverflowError):

@@ -10,6 +10,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from cached_prompts.workspace.layout import printable
+
 log = logging.getLogger("cached_prompts.commands.progress")
 
 STATUS_EVERY_SECONDS = 2.0
@@ -33,9 +35,9 @@ class Progress:
     _last_status: float = 0.0
 
     def start_item(self, name: str, what: str) -> None:
-        self._item, self._item_started, self._tokens = name, time.monotonic(), 0
+        self._item, self._item_started, self._tokens = printable(name), time.monotonic(), 0
         self._last_status = self._item_started
-        log.info("[%d/%d] %s: %s%s", self.done + 1, self.total, name, what, self._eta())
+        log.info("[%d/%d] %s: %s%s", self.done + 1, self.total, self._item, what, self._eta())
 
     def finish_item(self) -> None:
         self.done += 1

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from cached_prompts.backend.interface import Backend
 from cached_prompts.errors import InputFileError
-from cached_prompts.workspace.layout import DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS, TEST_PROMPTS_OUTPUTS, Workspace, read_input_text
+from cached_prompts.workspace.layout import (DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS, TEST_PROMPTS_OUTPUTS,
+                                             Workspace, printable)
 from cached_prompts.workspace.outputs import OutputSet
 
 
@@ -49,17 +50,17 @@ def token_stats(workspace: Workspace, backend: Backend) -> TokenStats:
 
     folders: dict[str, list[FileTokens]] = {DRAFTS: [], PRELUDES: [], TEST_PROMPTS: []}
     for path in workspace.drafts():
-        item, text = _read_counted(path, count)
+        item, text = _read_counted(workspace, path, count)
         if text is not None:
             item.outputs = _outputs(OutputSet.for_draft(workspace, path), text, item.tokens, count)
         folders[DRAFTS].append(item)
     for path in workspace.preludes():
-        item, text = _read_counted(path, count)
+        item, text = _read_counted(workspace, path, count)
         if text is not None:
             preludes[path] = (text, item.tokens)
         folders[PRELUDES].append(item)
     for path in workspace.test_prompt_files():
-        item, text = _read_counted(path, lambda t: backend.count_tokens(t, at_start=False))
+        item, text = _read_counted(workspace, path, lambda t: backend.count_tokens(t, at_start=False))
         folders[TEST_PROMPTS].append(item)
         try:
             outputs = OutputSet.for_test_prompt(workspace, path)
@@ -75,9 +76,9 @@ def token_stats(workspace: Workspace, backend: Backend) -> TokenStats:
     return TokenStats(backend.n_ctx, folders)
 
 
-def _read_counted(path: Path, count: Callable[[str], int]) -> tuple[FileTokens, str | None]:
+def _read_counted(workspace: Workspace, path: Path, count: Callable[[str], int]) -> tuple[FileTokens, str | None]:
     try:
-        text = read_input_text(path)
+        text = workspace.read_input(path)
     except InputFileError as error:
         return FileTokens(path.name, None, problem=str(error)), None
     return FileTokens(path.name, count(text)), text
@@ -89,7 +90,7 @@ def _outputs(output_set: OutputSet, text_before: str, tokens_before: int,
     outputs = []
     for output in output_set.existing().values():
         try:
-            text = read_input_text(output)
+            text = output_set.workspace.read_input(output)
         except InputFileError:
             continue
         outputs.append((output.name, count(text_before + text) - tokens_before))
@@ -112,9 +113,10 @@ def render_text(stats: TokenStats) -> str:
 
 
 def _render_file(folder: str, item: FileTokens, n_ctx: int) -> list[str]:
+    shown = printable(item.name)
     if item.tokens is None:
-        return [f'"{folder}/{item.name}" unreadable: {item.problem}']
-    lines = [f'"{folder}/{item.name}" tokens: {item.tokens}']
+        return [f'"{folder}/{shown}" unreadable: {item.problem}']
+    lines = [f'"{folder}/{shown}" tokens: {item.tokens}']
     if item.problem:
         lines.append(f"! {item.problem}")
     outputs_folder = OUTPUT_FOLDERS[folder]
@@ -122,11 +124,13 @@ def _render_file(folder: str, item: FileTokens, n_ctx: int) -> list[str]:
     base_sum = f"{item.tokens}"
     if item.prelude is not None and item.together is not None:
         name, prelude_count = item.prelude
+        name = printable(name)
         added = item.together - prelude_count
         lines.append(f'- with its prelude "{PRELUDES}/{name}": {prelude_count} + {added} = '
                      f"{item.together}{_over(item.together, n_ctx)}")
         indent, base_sum = "  ", f"{prelude_count} + {added}"
     for name, count in item.outputs:
+        name = printable(name)
         total = item.with_prelude + count
         lines.append(f'{indent}* with its output "{outputs_folder}/{name}": {count} + {base_sum} = '
                      f"{total}{_over(total, n_ctx)}")

@@ -20,6 +20,7 @@ from cached_prompts.backend.interface import (Backend, BackendKind, Completion, 
                       PreludeLoad, ProgressCallback, StepCallback, StoredPrelude, TextCallback,
                       reusable_length)
 from cached_prompts.cache.store import CacheStore, meta_file
+from cached_prompts.local import activity
 from cached_prompts.local.engine import (LLAMA_CPP_VERSION, Context, Model, SamplerChain, check_context_limits,
                                          init_backend, resolve_repack, state_settings)
 from cached_prompts.errors import ConstraintError, StateUnusableError
@@ -113,6 +114,7 @@ class LocalBackend(Backend):
             self._kept[(label, kind)] = (list(tokens), entry.name)
 
     def check_grammar(self, grammar: str, source: str) -> None:
+        activity.note(f"parsing the grammar of {source}")
         try:
             SamplerChain.check_grammar(self.model, grammar)
         except ConstraintError as error:
@@ -236,15 +238,22 @@ class LocalBackend(Backend):
         branches = [Branch(seeds, budgets[index], full, len(full), request.jobs[index].grammar)
                     for (index, seeds), full in zip(wave, fulls)]
 
+        decoding = f"the decoding of the outputs for '{request.label}'"
+
         def decode_tail(branch: int, seq: int) -> None:
             full = fulls[branch]
             reused = self._reused(prelude, full)
+            activity.note(f"the prefill of a prompt of '{request.label}' ({len(full) - reused} tokens)")
             self.context.seq_copy(PRELUDE_SEQ, seq, reused)
             self.context.prefill(full, reused, len(full), seq)
 
+        def step(n: int) -> None:
+            activity.note(decoding)
+            on_step(n)
+
         try:
             return generate_branches(self.context, self.model, branches, request.sampling, decode_tail,
-                                     first_seq=PRELUDE_SEQ + 1, on_step=on_step, on_text=on_text)
+                                     first_seq=PRELUDE_SEQ + 1, on_step=step, on_text=on_text)
         finally:
             self.states.clear_outputs()
 

@@ -21,6 +21,7 @@ import llama_cpp
 import numpy as np
 
 from cached_prompts.cache.store import StateSettings
+from cached_prompts.local.grammar_limits import check_grammar_size
 from cached_prompts.local.architecture import Architecture, MemoryKind, check_causal, gguf_architecture, read_architecture
 from cached_prompts.errors import (ConstraintError, ContextOverflowError, EngineError, ModelError, OptionsError,
                      StateUnusableError)
@@ -544,7 +545,9 @@ class SamplerChain:
     @staticmethod
     def grammar_sampler(model: Model, grammar: str) -> llama_cpp.llama_sampler_p:
         """A grammar sampler (root rule `root`); ConstraintError with llama.cpp's reason if
-        the grammar does not parse (llama.cpp prints that reason on stderr: it is captured)."""
+        the grammar does not parse (llama.cpp prints that reason on stderr: it is captured).
+        A grammar that would overflow llama.cpp's recursive parser is refused first."""
+        check_grammar_size(grammar, "the grammar")
         with _captured_stderr() as captured:
             sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
         if not sampler:

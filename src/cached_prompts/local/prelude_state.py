@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 
+from cached_prompts.local import activity
 from cached_prompts.local.architecture import MemoryKind
 from cached_prompts.backend.interface import Counters, PreludeKind, PreludeLoad, PreludeSource, ProgressCallback, common_prefix_length
 from cached_prompts.cache.store import CacheStore, Entry
@@ -87,6 +88,7 @@ class PreludeStates:
         state = self.cache.load_state(entry) if self.cache else None
         if state is None:
             return False
+        activity.note(f"restoring the state of the prelude '{entry.label}' ({entry.n_tokens} tokens) from the cache")
         try:
             self.context.set_seq_state(state, PRELUDE_SEQ)
         except EngineError as error:
@@ -99,6 +101,7 @@ class PreludeStates:
                  on_prefill: ProgressCallback | None) -> PreludeLoad:
         body = len(tokens) - 1
         start, source = self._start_from_prefix(tokens, body)
+        activity.note(f"the prefill of the prelude '{label}' ({body - start} of its {len(tokens)} tokens)")
         self._prefill(tokens, start, body, on_prefill)
         self._settle()
         self.counters.preludes_computed += 1
@@ -158,6 +161,7 @@ class PreludeStates:
     def _store(self, label: str, kind: PreludeKind, tokens: list[int]) -> Entry | None:
         """Store sequence 0's state; a cache that cannot take it (a full disk) costs the
         entry, not the run."""
+        activity.note(f"storing the state of the prelude '{label}'")
         try:
             return self.cache.store(label, kind.value, tokens, self.context.seq_state(PRELUDE_SEQ))
         except CacheError as error:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cached_prompts.method.chat_format import ChatFormatKind, detect
 from cached_prompts.errors import InputFileError
-from cached_prompts.workspace.layout import DRAFTS, DRAFTS_OUTPUTS, PRELUDE_SEPARATOR, PRELUDES, Workspace, read_input_text, write_output
+from cached_prompts.workspace.layout import DRAFTS, DRAFTS_OUTPUTS, PRELUDE_SEPARATOR, PRELUDES, Workspace, write_output
 from cached_prompts.workspace.outputs import OutputSet, StaleReason, judge_output
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def promote(workspace: Workspace, draft: str, k: int, *, name: str | None = None
         raise InputFileError(_missing_output(outputs, output_path, k))
     target = workspace.folder(PRELUDES) / f"{_prelude_name(name if name is not None else draft_path.stem)}.txt"
     _check_target(target, force)
-    draft_text, answer = read_input_text(draft_path), read_input_text(output_path)
+    draft_text, answer = workspace.read_input(draft_path), workspace.read_input(output_path)
     if judge_output(str(k), output_path, [draft_path], None, None).reason is StaleReason.OLDER:
         log.warning("%s/%s is older than the draft: it answers an earlier version of it",
                     DRAFTS_OUTPUTS, output_path.name)
@@ -80,12 +80,13 @@ def _prelude_name(name: str) -> str:
     """A prelude name that test prompts can refer to, or InputFileError."""
     name = name.removesuffix(".txt")
     problem = None
+    bad = next((c for c in name if c in "/\\" or ord(c) < 32), None)
     if not name.strip() or name in (".", ".."):
         problem = "is empty or names a folder"
+    elif bad is not None:  # before the leading '.': '../x' is refused for its '/'
+        problem = f"contains {bad!r} (a prelude is a file in preludes/, its name has no '/', '\\' or control character)"
     elif name.startswith("."):
         problem = "starts with '.' (hidden files are not preludes)"
-    elif any(c in "/\\" or ord(c) < 32 for c in name):
-        problem = "contains '/', '\\' or a control character"
     elif PRELUDE_SEPARATOR in name:
         problem = (f"contains '{PRELUDE_SEPARATOR}', which separates a test prompt's prelude from its id, "
                    "so no test prompt could use it")

@@ -83,15 +83,16 @@ def score_preludes(workspace: Workspace, backend: Backend, markers: AnswerMarker
     scores, skipped = [], []
     for path in workspace.preludes():
         try:
-            scores.append(score_prelude(backend, path, markers))
+            scores.append(score_prelude(backend, path, markers, workspace))
         except InputFileError as error:
             log.error("skipped %s: %s", path.name, error)
             skipped.append((path, str(error)))
     return scores, skipped
 
 
-def score_prelude(backend: Backend, path: Path, markers: AnswerMarkers | None) -> PreludeScore:
-    text = read_input_text(path)
+def score_prelude(backend: Backend, path: Path, markers: AnswerMarkers | None,
+                  workspace: Workspace | None = None) -> PreludeScore:
+    text = workspace.read_input(path) if workspace is not None else read_input_text(path)
     tokens = backend.prelude_tokens(text, f"{PRELUDES}/{path.name}")
     score = PreludeScore(path, text, len(tokens))
     if markers is None:

@@ -14,11 +14,13 @@ batched lines first, so its effects happen in request order.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from cached_prompts.errors import WorkerCrashError, WorkerGaveUpError
 from cached_prompts.repl import protocol
 from cached_prompts.repl.session import PromptPlan, Session
 
@@ -71,7 +73,8 @@ class LineReader:
 
 
 def run_batching_loop(session: Session, reader: LineReader, lines: Iterator[bytes | int], stdout: BinaryIO) -> int:
-    """Answer every line until EOF or `shutdown`, batching waiting single_prompt lines; 0."""
+    """Answer every line until EOF or `shutdown`, batching waiting single_prompt lines; the
+    session's exit status."""
     batcher = _Batcher(session, stdout)
     try:
         for first in lines:
@@ -87,7 +90,7 @@ def run_batching_loop(session: Session, reader: LineReader, lines: Iterator[byte
                 break
     except BrokenPipeError:
         return 0
-    return 0
+    return session.exit_status
 
 
 class _Batcher:
@@ -134,6 +137,14 @@ class _Batcher:
         plans: list[PromptPlan] = [response["value"] for response in group]
         try:
             completions = self.session.backend.generate(plans[0].request([j for p in plans for j in p.jobs]))
+        except (WorkerCrashError, WorkerGaveUpError) as error:
+            if len(group) == 1 or isinstance(error, WorkerGaveUpError):  # not tried again: it may crash again
+                for response in group:
+                    self._settle(response, functools.partial(_raise, error))
+                return
+            for response in group:  # each alone: the one that crashes the engine gets the error
+                self._decode([response])
+            return
         except Exception:  # noqa: BLE001 - each request then gets its own answer or error below
             if len(group) == 1:
                 self._settle(group[0], lambda: self.session.backend.generate(plans[0].request()))
@@ -158,3 +169,7 @@ class _Batcher:
     def _write(self, response: dict[str, Any]) -> None:
         self.stdout.write(protocol.encode_response(response))
         self.stdout.flush()
+
+
+def _raise(error: Exception) -> Any:
+    raise error

@@ -68,7 +68,7 @@ def response_channel() -> Iterator[BinaryIO]:
 
 
 def run_loop(session: Session, stdin: BinaryIO, stdout: BinaryIO) -> int:
-    """Answer every line until EOF or `shutdown`; 0 either way."""
+    """Answer every line until EOF or `shutdown` (0), or until the engine is gone for good (1)."""
     for line in read_lines(stdin):
         response = protocol.oversized_line(line) if isinstance(line, int) else session.handle_request(line)
         try:
@@ -79,7 +79,7 @@ def run_loop(session: Session, stdin: BinaryIO, stdout: BinaryIO) -> int:
             return 0
         if session.finished:
             break
-    return 0
+    return session.exit_status
 
 
 def serve(engine_options: EngineOptions, sampling: SamplingOptions, workspace: Workspace, *,

@@ -18,7 +18,7 @@ from typing import Any
 from cached_prompts.repl import protocol
 from cached_prompts.backend.interface import Backend, Completion, GenerationRequest, PreludeKind, PromptJob
 from cached_prompts.commands.outputs import seeds_for
-from cached_prompts.errors import CachedPromptsError, ProtocolError
+from cached_prompts.errors import CachedPromptsError, ProtocolError, WorkerGaveUpError
 from cached_prompts.version import __version__
 from cached_prompts.options import SamplingOptions
 from cached_prompts.repl.protocol import MAX_LINE_BYTES, NO_ID
@@ -53,6 +53,7 @@ class Session:
         self.backend = backend
         self.defaults = defaults
         self.finished = False
+        self.exit_status = 0  # of the service, once finished
         self.requests_batched = 0  # single_prompt lines decoded with others (--batch-waiting)
         self._commands: dict[str, tuple[type[protocol.Arguments], Callable[[Any], Any]]] = {
             "single_prompt": (protocol.SinglePromptArguments, self._single_prompt),
@@ -94,6 +95,10 @@ class Session:
         """An Ok response with `value()`, or the SystemError response of its failure."""
         try:
             return protocol.ok(value(), request_id())
+        except WorkerGaveUpError as error:  # the engine is gone for good: this answer is the last
+            log.error("%s; stdio-json-repl stops", error)
+            self.finished, self.exit_status = True, 1
+            return protocol.failure(f"{error}; the service stops", request_id())
         except CachedPromptsError as error:
             return protocol.failure(str(error), request_id())
         except Exception as error:  # a bug; the client gets an answer and the loop goes on

@@ -159,6 +159,10 @@ class _Collector:
         self.sampling = sampling
 
     def input_file(self, folder: str, path: Path, at_start: bool) -> FileText:
+        try:
+            self.workspace.check_link(path)
+        except InputFileError as error:  # a link out of the workspace: named, never embedded
+            return FileText(f"{folder}/{path.name}", None, str(error))
         file = read_shown(path, f"{folder}/{path.name}", follow_symlinks=True)
         _count(file, self.count_tokens, at_start)
         return file

@@ -116,8 +116,10 @@ class ServerPool:
             backoff = min(most, start * 2 ** (state.failures - 1))
             state.down_until = now + backoff
             state.last_error = str(error)
-            # The error names the server.
-            log.warning("%s Its work moves to the next server; it is tried again in %.0f s.", error, backoff)
+            # The error names the server; the server's own words may end without a full stop.
+            told = str(error).rstrip()
+            log.warning("%s%s Its work moves to the next server; it is tried again in %.0f s.", told,
+                        "" if told.endswith((".", "!", "?")) else ".", backoff)
             self._changed.notify_all()
 
     def mark_up(self, state: ServerState) -> None:

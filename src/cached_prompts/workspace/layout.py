@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +12,7 @@ from typing import Any
 
 from cached_prompts.errors import InputFileError, OptionsError, WorkspaceError
 from cached_prompts.fs.files import atomic_write_text, remove_stale_temp_files
-from cached_prompts.fs.regular import read_regular
+from cached_prompts.fs.regular import kind_of, read_regular
 
 DRAFTS = "prelude_drafts"
 DRAFTS_OUTPUTS = "prelude_drafts_outputs"
@@ -25,10 +28,22 @@ DETERMINISTIC = "deterministic"
 MAX_INPUT_BYTES = 16 << 20  # far more text than any context holds
 
 
+FOLLOW_LINKS_HINT = ("copy the file into the workspace, or allow links out of it with --follow-links-outside "
+                     "(follow_links_outside = true in cached-prompts.toml)")
+
+
+def printable(name: str) -> str:
+    """A file name for a line of text: control characters (a newline...) escaped, as in
+    Python's repr, so that one name is one line; other characters (Cyrillic, ...) unchanged."""
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in name)
+
+
 def read_input_text(path: Path) -> str:
     """Read a UTF-8 input file; a decoding error names the file and the byte offset. A link
-    to a regular file is read (a prelude shared between workspaces); a FIFO, a device or a
-    file over MAX_INPUT_BYTES is refused."""
+    to a regular file is read (whether it may lead out of the workspace is for
+    Workspace.read_input to say); a FIFO, a device or a file over MAX_INPUT_BYTES is refused."""
     try:
         data, _ = read_regular(path, MAX_INPUT_BYTES, follow_symlinks=True)
     except FileNotFoundError:
@@ -55,7 +70,52 @@ class TestPrompt:
 
 @dataclass(frozen=True)
 class Workspace:
+    """A workspace folder. It may come from someone else (a git clone), so a link in it is
+    followed only to a target inside it, unless `follow_links_outside`."""
+
     root: Path
+    follow_links_outside: bool = False
+
+    def with_options(self, options: Any) -> "Workspace":
+        """The same workspace with the link rule of `options` (EngineOptions)."""
+        return dataclasses.replace(self, follow_links_outside=options.follow_links_outside)
+
+    def read_input(self, path: Path) -> str:
+        """The text of a workspace input (read_input_text), refusing a link out of the workspace."""
+        self.check_link(path)
+        return read_input_text(path)
+
+    def check_link(self, path: Path) -> None:
+        """InputFileError if a link on the way from the root to `path` (the file, or a folder
+        such as preludes/) leads outside the workspace and such links are not allowed."""
+        link = self.outside_link(path)
+        if link is not None:
+            raise InputFileError(f"{self.shown(link)} is a symbolic link to {os.readlink(link)}, outside the "
+                                 f"workspace, and is not followed (a workspace may come from someone else); "
+                                 f"{FOLLOW_LINKS_HINT}")
+
+    def outside_link(self, path: Path) -> Path | None:
+        """The first link between the root and `path` whose target is outside the workspace."""
+        if self.follow_links_outside:
+            return None
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:
+            return None  # not a path in the workspace
+        root = self.root.resolve()
+        current = self.root
+        for part in parts:
+            current = current / part
+            if current.is_symlink() and not current.resolve().is_relative_to(root):
+                return current
+        return None
+
+    def shown(self, path: Path) -> str:
+        """A workspace path as messages name it: `test_prompts/a---b.txt`."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
 
     def folder(self, name: str) -> Path:
         return self.root / name
@@ -70,11 +130,13 @@ class Workspace:
                                  "create it or pass --root with an existing folder")
 
     def inputs(self, folder_name: str) -> list[Path]:
-        """The `*.txt` files of an input folder, sorted by name; a missing folder has none."""
+        """The `*.txt` entries of an input folder but folders, sorted by name; a missing folder
+        has none. A FIFO or device is listed too: reading it fails with a message that names it
+        (it is skipped with that message, not in silence)."""
         folder = self.folder(folder_name)
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.iterdir() if p.suffix == ".txt" and p.is_file())
+        return sorted(p for p in folder.iterdir() if p.suffix == ".txt" and p.exists() and not p.is_dir())
 
     def drafts(self) -> list[Path]:
         return self.inputs(DRAFTS)
@@ -93,10 +155,14 @@ class Workspace:
                 f"naming its prelude in {PRELUDES}/; rename it")
         prelude_name = path.stem.split(PRELUDE_SEPARATOR, 1)[0]
         prelude_path = self.folder(PRELUDES) / f"{prelude_name}.txt"
-        if not prelude_path.is_file():
+        if not prelude_path.exists():
             raise InputFileError(
                 f"{path.name}: its prelude {PRELUDES}/{prelude_name}.txt does not exist; "
                 "create it or rename the prompt")
+        mode = prelude_path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise InputFileError(f"{path.name}: its prelude {PRELUDES}/{prelude_name}.txt is {kind_of(mode)}, "
+                                 "not a file; put the prelude's text in a regular file")
         return TestPrompt(path, prelude_path)
 
     def load_config(self) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def write_records(pairs: Iterable[tuple[Path, OutputRecord]]) -> None:
         if not record.output_sha256:
             record = dataclasses.replace(record, output_sha256=_output_sha256(output))
         data = {"format": RECORD_FORMAT, **dataclasses.asdict(record)}
-        atomic_write_text(record_path(output), json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+        atomic_write_text(record_path(output), json.dumps(data, ensure_ascii=False, indent=1, allow_nan=False) + "\n")
 
 
 def read_record(output: Path) -> OutputRecord | None:
