@@ -83,6 +83,19 @@ def test_a_sound_answer_is_written(cli, workspace: Path, canned_server) -> None:
     assert record is not None and record.stop_reason is StopReason.END_TOKEN and record.generated_tokens == 3
 
 
+def test_a_bad_grammar_for_a_server_skips_its_prompt_before_anything_is_sent(cli, workspace: Path,
+                                                                           canned_server) -> None:
+    """llama.cpp's GBNF parser checks a server's grammar here (no model needed), as the local
+    engine checks its own: the prompt is skipped with the reason, the others are made."""
+    canned_server.llama_server().answers["/completion"] = (200, {"content": "A river.", "tokens_predicted": 3}, True)
+    (workspace / "test_prompts" / "dictionary---river.gbnf").write_text("root ::= foo", encoding="utf-8")
+    code, err = run_outputs(cli, workspace, canned_server)
+    assert code == 1
+    assert "skipped dictionary---river.txt" in err and "Undefined rule identifier 'foo'" in err
+    assert len(outputs_made(workspace)) == 4  # the two other prompts: an output and its record each
+    assert not any("grammar" in body for body in canned_server.requests["/completion"])
+
+
 # ----- what is sent to constrain outputs -----------------------------------------------------------
 
 
