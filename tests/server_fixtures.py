@@ -131,7 +131,8 @@ class LlamaServer:
 class CannedServer:
     """A real HTTP server on 127.0.0.1 (a thread of the test) that answers each path with what
     the test put in `answers`: answers[path] = (status, JSON value or raw bytes, with a
-    Content-Length header). It tokenizes one token per UTF-8 byte, so prefixes stay prefixes.
+    Content-Length header); a JSON answer to a request with `stream: true` is sent as llama-server
+    streams it (server-sent events). It tokenizes one token per UTF-8 byte, so prefixes stay prefixes.
     `requests` keeps the JSON bodies it was sent, per path."""
 
     def __init__(self) -> None:
@@ -161,7 +162,13 @@ class CannedServer:
                     status, value, sized = 200, {"tokens": list(str(body.get("content", "")).encode())}, True
                 else:
                     status, value, sized = canned.answers.get(path, (404, {"error": {"message": "no such path"}}, True))
-                data = value if isinstance(value, bytes) else json.dumps(value).encode()
+                if isinstance(body, dict) and body.get("stream") and not isinstance(value, bytes) and status == 200:
+                    # llama-server's stream: true, one event per answer here (with its whole text)
+                    events = value if isinstance(value, list) else [value]
+                    data = b"".join(b"data: " + json.dumps({**event, "stop": True}).encode() + b"\n\n"
+                                    for event in events)
+                else:
+                    data = value if isinstance(value, bytes) else json.dumps(value).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 if sized:

@@ -69,6 +69,22 @@ def test_an_answer_far_larger_than_max_tokens_is_refused(cli, workspace: Path, c
     assert outputs_made(workspace) == []
 
 
+@pytest.mark.parametrize("sized", [True, False], ids=["content-length", "streamed"])
+def test_a_streamed_answer_far_larger_than_max_tokens_is_refused(cli, workspace: Path, canned_server,
+                                                                 sized: bool) -> None:
+    """Drafts are not warmed up, so their answer is the first one, streamed (stream: true);
+    one line of 25 MB is refused as it arrives, not read whole first."""
+    huge = b'data: {"content": "' + b"x" * (25 << 20) + b'", "tokens_predicted": 8, "stop": true}\n\n'
+    canned_server.llama_server().answers["/completion"] = (200, huge, sized)
+    code, out, err = cli(workspace, "outputs-for-drafts", "-n", "1", "--max-tokens", "8", "--server",
+                         canned_server.url)
+    assert code == 1 and out == "" and "Traceback" not in err
+    assert canned_server.requests["/completion"][0]["stream"] is True
+    said = "announced an answer of" if sized else "sent an answer of more bytes"
+    assert f"{canned_server.url}/completion {said}" in err
+    assert not (workspace / "prelude_drafts_outputs").exists() or not any((workspace / "prelude_drafts_outputs").iterdir())
+
+
 def test_a_sound_answer_is_written(cli, workspace: Path, canned_server) -> None:
     """The canned server is good enough for a whole run when it answers well (so the tests
     above fail for the reason they name)."""
@@ -81,6 +97,19 @@ def test_a_sound_answer_is_written(cli, workspace: Path, canned_server) -> None:
     assert output.read_text("utf-8") == "A river."
     record = read_record(output)
     assert record is not None and record.stop_reason is StopReason.END_TOKEN and record.generated_tokens == 3
+
+
+def test_a_bad_grammar_for_a_server_skips_its_prompt_before_anything_is_sent(cli, workspace: Path,
+                                                                           canned_server) -> None:
+    """llama.cpp's GBNF parser checks a server's grammar here (no model needed), as the local
+    engine checks its own: the prompt is skipped with the reason, the others are made."""
+    canned_server.llama_server().answers["/completion"] = (200, {"content": "A river.", "tokens_predicted": 3}, True)
+    (workspace / "test_prompts" / "dictionary---river.gbnf").write_text("root ::= foo", encoding="utf-8")
+    code, err = run_outputs(cli, workspace, canned_server)
+    assert code == 1
+    assert "skipped dictionary---river.txt" in err and "Undefined rule identifier 'foo'" in err
+    assert len(outputs_made(workspace)) == 4  # the two other prompts: an output and its record each
+    assert not any("grammar" in body for body in canned_server.requests["/completion"])
 
 
 # ----- what is sent to constrain outputs -----------------------------------------------------------

@@ -543,13 +543,16 @@ class SamplerChain:
         llama_cpp.llama_sampler_chain_add(self._chain, sampler)
 
     @staticmethod
-    def grammar_sampler(model: Model, grammar: str) -> llama_cpp.llama_sampler_p:
+    def grammar_sampler(model: Model | None, grammar: str) -> llama_cpp.llama_sampler_p:
         """A grammar sampler (root rule `root`); ConstraintError with llama.cpp's reason if
         the grammar does not parse (llama.cpp prints that reason on stderr: it is captured).
-        A grammar that would overflow llama.cpp's recursive parser is refused first."""
+        A grammar that would overflow llama.cpp's recursive parser is refused first. Without a
+        model (None) the sampler can only be freed: llama.cpp's parser does not use the
+        vocabulary, so that checks a grammar meant for a server."""
         check_grammar_size(grammar, "the grammar")
         with _captured_stderr() as captured:
-            sampler = llama_cpp.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+            sampler = llama_cpp.llama_sampler_init_grammar(model.vocab if model else None, grammar.encode("utf-8"),
+                                                           b"root")
         if not sampler:
             reason = next((line.split("error parsing grammar:", 1)[1].strip() for line in captured()
                            if "error parsing grammar:" in line), "")
@@ -559,7 +562,7 @@ class SamplerChain:
         return sampler
 
     @staticmethod
-    def check_grammar(model: Model, grammar: str) -> None:
+    def check_grammar(model: Model | None, grammar: str) -> None:
         """ConstraintError (with llama.cpp's reason) unless llama.cpp can use `grammar`."""
         llama_cpp.llama_sampler_free(SamplerChain.grammar_sampler(model, grammar))
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from cached_prompts.backend.interface import Backend, OutputConstraint
 from cached_prompts.errors import ConstraintError
-from cached_prompts.local.grammar import schema_to_gbnf
+from cached_prompts.local.grammar import check_gbnf, schema_to_gbnf
 from cached_prompts.local.grammar_limits import check_grammar_size
 from cached_prompts.workspace.sidecars import ConstraintKind, read_sidecar, shown, sidecar_of
 
@@ -107,7 +107,8 @@ def checked_grammar(grammar: str, source: str, backend: Backend) -> str:
     if "\0" in grammar:
         raise ConstraintError(f"{source} contains a NUL character; a grammar is text")
     check_grammar_size(grammar, source)  # llama.cpp's parser recurses: deep nesting would crash it
-    backend.check_grammar(grammar, source)
+    check_gbnf(grammar, source)  # GBNF as llama.cpp parses it, for servers too
+    backend.check_grammar(grammar, source)  # and what this backend can do with it
     return grammar
 
 

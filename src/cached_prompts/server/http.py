@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -63,13 +63,13 @@ class HttpConnection:
                 if not response.is_success:
                     self._raise_for(response.status_code, response.reason_phrase,
                                     _read_at_most(response, MAX_ERROR_BYTES)[0], path)
-                read = 0
-                for line in response.iter_lines():
-                    read += len(line) + 1
-                    if read > limit:
-                        raise self._too_large(path, limit, "sent an answer of more bytes")
-                    if line.startswith("data: ") and line[6:].strip() != "[DONE]":
-                        yield self._json(path, line[6:].encode("utf-8"))
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise self._too_large(path, limit, f"announced an answer of {int(declared)} bytes")
+                for line in _lines_at_most(response, limit, lambda: self._too_large(
+                        path, limit, "sent an answer of more bytes")):
+                    if line.startswith(b"data: ") and line[6:].strip() != b"[DONE]":
+                        yield self._json(path, line[6:])
         except httpx.TimeoutException:
             raise ServerDownError(f"{self.url}{path} gave no answer within {self.timeout:g} s; the server may "
                                   "be overloaded or stuck (raise --server-timeout to wait longer)") from None
@@ -145,6 +145,23 @@ def _read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
         if len(data) > limit:
             return bytes(data[:limit]), False
     return bytes(data), True
+
+
+def _lines_at_most(response: httpx.Response, limit: int, too_large: Callable[[], ServerError]) -> Iterator[bytes]:
+    """The body's lines, counted in bytes as they arrive (not once a line is whole: a line
+    without an end would otherwise be read whole, however long)."""
+    pending = bytearray()
+    read = 0
+    for chunk in response.iter_bytes():
+        read += len(chunk)
+        if read > limit:
+            raise too_large()
+        pending += chunk
+        *lines, rest = pending.split(b"\n")
+        yield from (line.rstrip(b"\r") for line in lines)
+        pending = bytearray(rest)
+    if pending:
+        yield bytes(pending).rstrip(b"\r")
 
 
 def _error_message(body: bytes, reason: str) -> tuple[str, str, dict[str, Any]]:
