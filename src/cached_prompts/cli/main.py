@@ -270,7 +270,7 @@ def run_command(args: argparse.Namespace) -> int:
                                                                               server_options=servers))
     if args.command in method_cli.COMMANDS:
         return method_cli.run(args, workspace, lambda: open_backend(engine_options, workspace, verbose=verbose,
-                                                                    server_options=servers))
+                                                                    server_options=servers), sampling)
     with open_backend(engine_options, workspace, verbose=verbose, server_options=servers) as backend:
         return _dispatch(args, workspace, backend, sampling, refresh_report=engine_options.report)
 

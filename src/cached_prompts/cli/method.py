@@ -5,16 +5,19 @@ their call into the library, their output). cli.py hands these commands over her
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from cached_prompts.backend.interface import Backend
+from cached_prompts.commands import pick as pick_module
 from cached_prompts.method.chat_format import FORMATS, AnswerMarkers, detect
 from cached_prompts.errors import OptionsError
 from cached_prompts.method.init_workspace import init_workspace
 from cached_prompts.method.promote import promote
 from cached_prompts.method.scoring import render_json, render_text, score_preludes, write_scores_file
+from cached_prompts.options import SamplingOptions
 from cached_prompts.workspace.layout import Workspace
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,7 @@ COMMANDS = {
     "promote": "make preludes/NAME.txt from a draft, its output K and the opening of the next user turn",
     "score-preludes": "how natural each example answer of each prelude is to the model (mean log-probability)",
     "init": "create a workspace: its folders, cached-prompts.toml and an example in the model's chat format",
+    "pick": "rank a draft's outputs as its example answer by the pass rate of the test prompts' expectations",
 }
 
 
@@ -44,9 +48,29 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--answer-end", metavar="END", action="append", default=None,
                             help="an example answer ends before this text (repeatable; default with "
                                  "--answer-marker: the chat format's end of turn, else a newline)")
+    elif name == "pick":
+        _add_pick_arguments(parser)
     elif name == "init":
         parser.add_argument("dir", metavar="DIR", nargs="?", type=Path, default=None,
                             help="the workspace folder to create (default: --root, else the current folder)")
+
+
+def _add_pick_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("draft", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt); its outputs "
+                                                       "are the candidates")
+    parser.add_argument("--for", dest="for_prelude", metavar="PRELUDE", default=None,
+                        help="run the test prompts PRELUDE---*.txt (default: the draft's name)")
+    how_many = parser.add_mutually_exclusive_group()
+    how_many.add_argument("-n", type=int, default=5, metavar="N", help="sampled answers per test prompt (default: 5)")
+    how_many.add_argument("-d", "--deterministic", action="store_true",
+                        help="one greedy answer per test prompt instead (a deterministic ranking)")
+    parser.add_argument("--promote", action="store_true", help="write the winner as promote does")
+    parser.add_argument("--as", dest="as_name", metavar="NAME", default=None,
+                        help="with --promote: write preludes/NAME.txt (default: PRELUDE)")
+    parser.add_argument("-f", "--force", action="store_true", help="with --promote: overwrite an existing prelude")
+    parser.add_argument("--next-turn", metavar="TEXT", default=None,
+                        help="the opening of the next user turn (default: from the draft's chat format)")
+    parser.add_argument("--json", action="store_true", help="print the ranking as JSON")
 
 
 def run_init(args: argparse.Namespace, model_path: str | None) -> int:
@@ -60,7 +84,10 @@ def run_init(args: argparse.Namespace, model_path: str | None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend]) -> int:
+def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend],
+        sampling: SamplingOptions | None = None) -> int:
+    if args.command == "pick":
+        return _run_pick(args, workspace, backend_factory, sampling or SamplingOptions())
     if args.command == "promote":
         promoted = promote(workspace, args.draft, args.k, name=args.as_name, force=args.force,
                            next_turn=args.next_turn)
@@ -75,6 +102,24 @@ def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callabl
             write_scores_file(workspace, backend, scores)
     print(render_json(scores) if args.json else render_text(scores))
     return 1 if skipped else 0
+
+
+def _run_pick(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend],
+              sampling: SamplingOptions) -> int:
+    if (args.as_name is not None or args.force) and not args.promote:
+        raise OptionsError("--as and -f go with --promote")
+    with backend_factory() as backend:
+        result = pick_module.pick(workspace, backend, args.draft, sampling, prelude_name=args.for_prelude, n=args.n,
+                                  deterministic=args.deterministic, promote_as=args.as_name,
+                                  promote_winner=args.promote, force=args.force, next_turn=args.next_turn)
+        counters = backend.counters
+        log.info("prelude tokens: %d computed, %d reused from the draft's state", counters.prelude_tokens_computed,
+                 counters.prelude_tokens_reused)
+    print(json.dumps(pick_module.to_json(result), ensure_ascii=False, indent=2) if args.json
+          else pick_module.render_text(result))
+    if args.promote and result.winner is None:
+        log.error("nothing promoted: no candidate reaches every test prompt's threshold")
+    return 0 if result.winner is not None and not result.skipped else 1
 
 
 def _answer_markers(args: argparse.Namespace) -> AnswerMarkers | None:
