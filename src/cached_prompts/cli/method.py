@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cached_prompts.backend.interface import Backend
+from cached_prompts.commands import check as check_module
 from cached_prompts.commands import pick as pick_module
 from cached_prompts.method.chat_format import FORMATS, AnswerMarkers, detect
 from cached_prompts.errors import OptionsError
@@ -26,6 +27,7 @@ COMMANDS = {
     "promote": "make preludes/NAME.txt from a draft, its output K and the opening of the next user turn",
     "score-preludes": "how natural each example answer of each prelude is to the model (mean log-probability)",
     "init": "create a workspace: its folders, cached-prompts.toml and an example in the model's chat format",
+    "check": "check the outputs against their expectations (NAME.expect.toml): pass rates with 95% intervals",
     "pick": "rank a draft's outputs as its example answer by the pass rate of the test prompts' expectations",
 }
 
@@ -50,6 +52,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
                                  "--answer-marker: the chat format's end of turn, else a newline)")
     elif name == "pick":
         _add_pick_arguments(parser)
+    elif name == "check":
+        parser.add_argument("--json", action="store_true", help="print every rate and output as JSON")
     elif name == "init":
         parser.add_argument("dir", metavar="DIR", nargs="?", type=Path, default=None,
                             help="the workspace folder to create (default: --root, else the current folder)")
@@ -88,6 +92,9 @@ def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callabl
         sampling: SamplingOptions | None = None) -> int:
     if args.command == "pick":
         return _run_pick(args, workspace, backend_factory, sampling or SamplingOptions())
+    if args.command == "check":
+        with backend_factory() as backend:  # which model made the outputs is part of their freshness
+            return print_check(workspace, backend.model_id, sampling, as_json=args.json)
     if args.command == "promote":
         promoted = promote(workspace, args.draft, args.k, name=args.as_name, force=args.force,
                            next_turn=args.next_turn)
@@ -102,6 +109,23 @@ def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callabl
             write_scores_file(workspace, backend, scores)
     print(render_json(scores) if args.json else render_text(scores))
     return 1 if skipped else 0
+
+
+def print_check(workspace: Workspace, model_id: str | None, sampling: SamplingOptions | None, *,
+                as_json: bool) -> int:
+    """`check` (also `outputs-test-prompts --check`): print the report; 1 if any input is
+    under its threshold or was skipped. Outputs are judged as a run with `sampling` by the
+    model `model_id` would judge them."""
+    report = check_module.check_workspace(workspace, model_id=model_id, sampling=sampling)
+    print(json.dumps(check_module.to_json(report), ensure_ascii=False, indent=2) if as_json
+          else check_module.render_text(report))
+    if report.unchecked:
+        log.info("%d inputs have no expectations: %s", len(report.unchecked), ", ".join(report.unchecked[:5])
+                 + (", ..." if len(report.unchecked) > 5 else ""))
+    for item in report.failing:
+        log.warning("%s: %d of %d outputs passed, under its threshold %g", item.input, item.rate.passed,
+                    item.rate.total, item.expectations.threshold)
+    return 0 if report.ok else 1
 
 
 def _run_pick(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend],
