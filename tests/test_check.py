@@ -135,8 +135,10 @@ def test_outputs_test_prompts_check_gates_on_the_real_outputs(cli, workspace: Pa
                          "--stop", "<|im_end|>", "--check")
     assert code == 0, out + err
     assert "1/1" in out and "UNDER" not in out
-    code, _, _ = cli(workspace, "check")
-    assert code == 0
+    code, _, err = cli(workspace, "check", "--max-tokens", "64", "--stop", "<|im_end|>")
+    assert code == 0, err
+    code, out, _ = cli(workspace, "check")  # other options than the outputs were made with: stale
+    assert code == 1 and "stale: made with other options" in out
 
 
 # ----- the report shows it (real headless Chromium, as tests/test_report.py) ----------------------

@@ -28,8 +28,8 @@ from cached_prompts.method.expectations import Expectations, for_test_prompt
 from cached_prompts.method.promote import Promoted, check_prelude_target, draft_path_of, promote, promoted_text
 from cached_prompts.method.scoring import last_example_logprob
 from cached_prompts.options import SamplingOptions
-from cached_prompts.workspace.layout import (DRAFTS, DRAFTS_OUTPUTS, PRELUDE_SEPARATOR, TEST_PROMPTS, Workspace,
-                                             read_input_text)
+from cached_prompts.workspace.layout import DRAFTS, PRELUDE_SEPARATOR, TEST_PROMPTS, Workspace, read_input_text
+from cached_prompts.workspace.outputs import OutputSet
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def pick(workspace: Workspace, backend: Backend, draft: str, sampling: SamplingO
     backend.prepare_prelude(draft_tokens, f"draft {draft_path.stem}", kind=PreludeKind.DRAFT, store=False)
     keys = output_keys(n, deterministic)
     for candidate in result.candidates:
-        answer = read_input_text(workspace.draft_output(draft_path, candidate.key))
+        answer = read_input_text(OutputSet.for_draft(workspace, draft_path).path(candidate.key))
         candidate.prelude = promoted_text(draft_path, draft_text, answer, next_turn).text
         try:
             _try(backend, candidate, prompts, sampling, keys, f"pick {draft_path.stem} {candidate.key}")
@@ -151,9 +151,7 @@ def _test_prompts(workspace: Workspace, backend: Backend, name: str, result: Pic
 
 
 def _candidate_keys(workspace: Workspace, draft_path: Path) -> list[int]:
-    prefix = f"{draft_path.stem}.output-"
-    keys = sorted(int(key) for p in workspace.existing_outputs(DRAFTS_OUTPUTS, draft_path)
-                  if (key := p.name[len(prefix):-len(".txt")]).isdigit())
+    keys = sorted(int(key) for key in OutputSet.for_draft(workspace, draft_path).existing() if key.isdigit())
     if not keys:
         raise InputFileError(f"{DRAFTS}/{draft_path.name} has no outputs to pick from; run outputs-for-drafts first")
     return keys
