@@ -143,7 +143,7 @@ def test_outputs_test_prompts_check_gates_on_the_real_outputs(cli, workspace: Pa
 
 # ----- the report shows it (real headless Chromium, as tests/test_report.py) ----------------------
 
-from .test_report import browser, open_page, report_file  # noqa: E402,F401  (fixtures)
+from .test_report import open_page, report_file  # noqa: E402,F401  (fixture and helper; browser is in conftest)
 
 
 def test_the_report_marks_each_output_and_filters_the_failing(checked: Path, open_page) -> None:
