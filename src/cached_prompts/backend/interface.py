@@ -294,10 +294,13 @@ class Backend(ABC):
         of a UTF-8 character, and a BOS the tokenizer put in front spells nothing."""
         raise self._no_logprobs()
 
-    def token_logprobs(self, tokens: list[int], first: int, end: int, label: str) -> list[float]:
+    def token_logprobs(self, tokens: list[int], first: int, end: int, label: str, *,
+                       store: bool = True) -> list[float]:
         """log P(tokens[i] | tokens[:i]) for first <= i < end (1 <= first < end <= len(tokens)),
         where `tokens` is a prelude stored under `label`: its state may come from (and go to)
-        the cache. A backend that cannot tell raises UnsupportedByBackendError."""
+        the cache. `store` False: nothing is stored, and the state before `first` is prepared
+        as a draft's and kept for the next request or call (pick's candidates share it).
+        A backend that cannot tell raises UnsupportedByBackendError."""
         raise self._no_logprobs()
 
     def _no_logprobs(self) -> UnsupportedByBackendError:

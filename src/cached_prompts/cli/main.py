@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "outputs-test-prompts":
             command.add_argument("-d", "--deterministic", action="store_true",
                                  help="one greedy (temperature 0) answer per prompt instead")
+            command.add_argument("--check", action="store_true",
+                                 help="then check the outputs against their expectations, as `check` does "
+                                      "(exit status 1 if any prompt is under its threshold)")
         if name == "show-stats-on-tokens-number":
             command.add_argument("--json", action="store_true", help="print the numbers as JSON")
         if name == "stdio-json-repl":
@@ -275,7 +278,7 @@ def run_command(args: argparse.Namespace) -> int:
                                                                               server_options=servers))
     if args.command in method_cli.COMMANDS:
         return method_cli.run(args, workspace, lambda: open_backend(engine_options, workspace, verbose=verbose,
-                                                                    server_options=servers))
+                                                                    server_options=servers), sampling)
     with open_backend(engine_options, workspace, verbose=verbose, server_options=servers) as backend:
         return _dispatch(args, workspace, backend, sampling, refresh_report=engine_options.report)
 
@@ -306,6 +309,9 @@ def _dispatch(args: argparse.Namespace, workspace: Workspace, backend: Backend, 
                  len(report.written), len(report.up_to_date), len(report.skipped))
         if refresh_report:
             _write_report(args, workspace, backend, sampling, report.skipped, run_id=report.run_id)
+        if getattr(args, "check", False) and method_cli.print_check(workspace, backend.model_id, sampling,
+                                                                         as_json=False):
+            return 1
     return 1 if report.skipped else 0
 
 

@@ -5,16 +5,20 @@ their call into the library, their output). cli.py hands these commands over her
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from cached_prompts.backend.interface import Backend
+from cached_prompts.commands import check as check_module
+from cached_prompts.commands import pick as pick_module
 from cached_prompts.method.chat_format import FORMATS, AnswerMarkers, detect
 from cached_prompts.errors import OptionsError
 from cached_prompts.method.init_workspace import init_workspace
 from cached_prompts.method.promote import promote
 from cached_prompts.method.scoring import render_json, render_text, score_preludes, write_scores_file
+from cached_prompts.options import SamplingOptions
 from cached_prompts.workspace.layout import Workspace
 
 log = logging.getLogger(__name__)
@@ -23,6 +27,8 @@ COMMANDS = {
     "promote": "make preludes/NAME.txt from a draft, its output K and the opening of the next user turn",
     "score-preludes": "how natural each example answer of each prelude is to the model (mean log-probability)",
     "init": "create a workspace: its folders, cached-prompts.toml and an example in the model's chat format",
+    "check": "check the outputs against their expectations (NAME.expect.toml): pass rates with 95% intervals",
+    "pick": "rank a draft's outputs as its example answer by the pass rate of the test prompts' expectations",
 }
 
 
@@ -44,9 +50,31 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--answer-end", metavar="END", action="append", default=None,
                             help="an example answer ends before this text (repeatable; default with "
                                  "--answer-marker: the chat format's end of turn, else a newline)")
+    elif name == "pick":
+        _add_pick_arguments(parser)
+    elif name == "check":
+        parser.add_argument("--json", action="store_true", help="print every rate and output as JSON")
     elif name == "init":
         parser.add_argument("dir", metavar="DIR", nargs="?", type=Path, default=None,
                             help="the workspace folder to create (default: --root, else the current folder)")
+
+
+def _add_pick_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("draft", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt); its outputs "
+                                                       "are the candidates")
+    parser.add_argument("--for", dest="for_prelude", metavar="PRELUDE", default=None,
+                        help="run the test prompts PRELUDE---*.txt (default: the draft's name)")
+    how_many = parser.add_mutually_exclusive_group()
+    how_many.add_argument("-n", type=int, default=5, metavar="N", help="sampled answers per test prompt (default: 5)")
+    how_many.add_argument("-d", "--deterministic", action="store_true",
+                        help="one greedy answer per test prompt instead (a deterministic ranking)")
+    parser.add_argument("--promote", action="store_true", help="write the winner as promote does")
+    parser.add_argument("--as", dest="as_name", metavar="NAME", default=None,
+                        help="with --promote: write preludes/NAME.txt (default: PRELUDE)")
+    parser.add_argument("-f", "--force", action="store_true", help="with --promote: overwrite an existing prelude")
+    parser.add_argument("--next-turn", metavar="TEXT", default=None,
+                        help="the opening of the next user turn (default: from the draft's chat format)")
+    parser.add_argument("--json", action="store_true", help="print the ranking as JSON")
 
 
 def run_init(args: argparse.Namespace, model_path: str | None) -> int:
@@ -60,7 +88,13 @@ def run_init(args: argparse.Namespace, model_path: str | None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend]) -> int:
+def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend],
+        sampling: SamplingOptions | None = None) -> int:
+    if args.command == "pick":
+        return _run_pick(args, workspace, backend_factory, sampling or SamplingOptions())
+    if args.command == "check":
+        with backend_factory() as backend:  # which model made the outputs is part of their freshness
+            return print_check(workspace, backend.model_id, sampling, as_json=args.json)
     if args.command == "promote":
         promoted = promote(workspace, args.draft, args.k, name=args.as_name, force=args.force,
                            next_turn=args.next_turn)
@@ -75,6 +109,41 @@ def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callabl
             write_scores_file(workspace, backend, scores)
     print(render_json(scores) if args.json else render_text(scores))
     return 1 if skipped else 0
+
+
+def print_check(workspace: Workspace, model_id: str | None, sampling: SamplingOptions | None, *,
+                as_json: bool) -> int:
+    """`check` (also `outputs-test-prompts --check`): print the report; 1 if any input is
+    under its threshold or was skipped. Outputs are judged as a run with `sampling` by the
+    model `model_id` would judge them."""
+    report = check_module.check_workspace(workspace, model_id=model_id, sampling=sampling)
+    print(json.dumps(check_module.to_json(report), ensure_ascii=False, indent=2) if as_json
+          else check_module.render_text(report))
+    if report.unchecked:
+        log.info("%d inputs have no expectations: %s", len(report.unchecked), ", ".join(report.unchecked[:5])
+                 + (", ..." if len(report.unchecked) > 5 else ""))
+    for item in report.failing:
+        log.warning("%s: %d of %d outputs passed, under its threshold %g", item.input, item.rate.passed,
+                    item.rate.total, item.expectations.threshold)
+    return 0 if report.ok else 1
+
+
+def _run_pick(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend],
+              sampling: SamplingOptions) -> int:
+    if (args.as_name is not None or args.force) and not args.promote:
+        raise OptionsError("--as and -f go with --promote")
+    with backend_factory() as backend:
+        result = pick_module.pick(workspace, backend, args.draft, sampling, prelude_name=args.for_prelude, n=args.n,
+                                  deterministic=args.deterministic, promote_as=args.as_name,
+                                  promote_winner=args.promote, force=args.force, next_turn=args.next_turn)
+        counters = backend.counters
+        log.info("prelude tokens: %d computed, %d reused from the draft's state", counters.prelude_tokens_computed,
+                 counters.prelude_tokens_reused)
+    print(json.dumps(pick_module.to_json(result), ensure_ascii=False, indent=2) if args.json
+          else pick_module.render_text(result))
+    if args.promote and result.winner is None:
+        log.error("nothing promoted: no candidate reaches every test prompt's threshold")
+    return 0 if result.winner is not None and not result.skipped else 1
 
 
 def _answer_markers(args: argparse.Namespace) -> AnswerMarkers | None:

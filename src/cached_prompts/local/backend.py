@@ -141,12 +141,15 @@ class LocalBackend(Backend):
         added_bos = self.model.adds_bos and bool(tokens) and tokens[0] == self.model.bos
         return [b"" if index == 0 and added_bos else self.model.piece(token) for index, token in enumerate(tokens)]
 
-    def token_logprobs(self, tokens: list[int], first: int, end: int, label: str) -> list[float]:
+    def token_logprobs(self, tokens: list[int], first: int, end: int, label: str, *,
+                       store: bool = True) -> list[float]:
         """The part before `first` comes from the prelude's state (cache, prefix or computed
         and stored, as for a request), cut back to it, so the KV cells are laid out as in one
         pass over the whole prelude: llama.cpp's sums, and so the numbers, depend on that
         layout (measured: up to 0.4 nats on single tokens when other sequences' cells sit
-        beside them)."""
+        beside them). `store` False: see _shared_prefix_logprobs."""
+        if not store:
+            return self._shared_prefix_logprobs(tokens, first, end, label)
         start, kept = first - 1, 0
         try:
             self.unload()
@@ -161,6 +164,19 @@ class LocalBackend(Backend):
             return self.context.next_token_logprobs(tokens, first, end, PRELUDE_SEQ)
         finally:
             self.unload()  # sequence 0 no longer holds the prelude's state
+
+    def _shared_prefix_logprobs(self, tokens: list[int], first: int, end: int, label: str) -> list[float]:
+        """Nothing stored: sequence 0 gets the state of tokens[:first - 1] as a draft's (built on
+        what it held, see prelude_state.py) and keeps it; the rows are decoded into another
+        sequence, as a request's prompt is, so the cells' layout is a request's, not one pass's
+        (the last digits may differ from the stored path's, the same way for every call)."""
+        self.prepare_prelude(tokens[:first], label, kind=PreludeKind.DRAFT, store=False)
+        seq = PRELUDE_SEQ + 1
+        try:
+            self.context.seq_copy(PRELUDE_SEQ, seq, first - 1)
+            return self.context.next_token_logprobs(tokens, first, end, seq)
+        finally:
+            self.states.clear_outputs()
 
     # ----- outputs ------------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 prelude's state, `prelude[:-1]` (see backend.py for why the last token is left out).
 
 In order: the context already holds it (memory); an entry of exactly these tokens is restored
-(cache); the entry sharing the longest token prefix is restored, trimmed and the rest evaluated
-(prefix); or it is evaluated from scratch in n_batch chunks (computed). Every path ends with
+(cache); the state held in memory or the cache entry sharing the longest token prefix is kept
+or restored, trimmed and the rest evaluated (prefix: candidate preludes that share a draft's
+state, `pick`, are built on the one before without storing anything); or it is evaluated from
+scratch in n_batch chunks (computed). Every path ends with
 the same KV in sequence 0, which is why cached and uncached outputs are identical. Sequence 0
 is never decoded into afterwards: outputs copy what they reuse of it into their own sequences.
 """
@@ -43,16 +45,18 @@ class PreludeStates:
              on_prefill: ProgressCallback | None = None) -> PreludeLoad:
         """Leave the state of tokens[:-1] in sequence 0 and nothing else in the context."""
         body = len(tokens) - 1
+        self.clear_outputs()
         if self._loaded == tokens:
-            self.clear_outputs()
             return self.counters.note_load(PreludeLoad(PreludeSource.MEMORY, body, 0))
-        self.unload()
+        held, self._loaded = self._loaded, None  # seq 0 keeps its cells until a restore or compute
+        if held is None:
+            self.context.clear()
         load = self._restore_exact(tokens)
         if load is None:
             # Check again under the entry's lock: another process may have just stored it.
             lock = self.cache.entry_lock(tokens, label) if self.cache is not None and store else nullcontext()
             with lock:
-                load = self._restore_exact(tokens) or self._compute(tokens, label, kind, store, on_prefill)
+                load = self._restore_exact(tokens) or self._compute(tokens, label, kind, store, on_prefill, held)
         self._loaded = list(tokens)
         return self.counters.note_load(load)
 
@@ -89,6 +93,7 @@ class PreludeStates:
         if state is None:
             return False
         activity.note(f"restoring the state of the prelude '{entry.label}' ({entry.n_tokens} tokens) from the cache")
+        self.context.clear()  # what seq 0 held (a prefix not used) goes
         try:
             self.context.set_seq_state(state, PRELUDE_SEQ)
         except EngineError as error:
@@ -98,9 +103,11 @@ class PreludeStates:
         return True
 
     def _compute(self, tokens: list[int], label: str, kind: PreludeKind, store: bool,
-                 on_prefill: ProgressCallback | None) -> PreludeLoad:
+                 on_prefill: ProgressCallback | None, held: list[int] | None = None) -> PreludeLoad:
         body = len(tokens) - 1
-        start, source = self._start_from_prefix(tokens, body)
+        start, source = self._start_from_memory(tokens, body, held)
+        if not start:
+            start, source = self._start_from_prefix(tokens, body)
         activity.note(f"the prefill of the prelude '{label}' ({body - start} of its {len(tokens)} tokens)")
         self._prefill(tokens, start, body, on_prefill)
         self._settle()
@@ -108,6 +115,31 @@ class PreludeStates:
         if store and self.cache is not None and body > 0:
             self._store(label, kind, tokens)
         return PreludeLoad(source, start, body - start)
+
+    def _start_from_memory(self, tokens: list[int], body: int, held: list[int] | None) -> tuple[int, PreludeSource]:
+        """Keep what seq 0 still holds of the prelude before (`held`), trimmed to the prefix it
+        shares with `tokens`, if no cache entry gives more; (start, source), start 0 if not."""
+        if held is None:
+            return 0, PreludeSource.COMPUTED
+        keep = self._usable_prefix(held, tokens, body)
+        cached = self._prefix_entry(tokens, body)
+        if keep == 0 or (cached is not None and cached[1] > keep):
+            self.context.clear()
+            return 0, PreludeSource.COMPUTED
+        try:
+            self.context.seq_trim(PRELUDE_SEQ, keep)
+        except EngineError:  # a state that cannot be cut there: start afresh
+            self.context.clear()
+            return 0, PreludeSource.COMPUTED
+        return keep, PreludeSource.PREFIX
+
+    def _usable_prefix(self, stored_tokens: list[int], tokens: list[int], body: int) -> int:
+        """How many tokens of a state of `stored_tokens[:-1]` a state of `tokens[:body]` can
+        keep (0: too few to be worth it, or the state cannot be cut there)."""
+        stored = len(stored_tokens) - 1
+        keep = min(common_prefix_length(stored_tokens, tokens), stored, body)
+        shortest = self.context.model.architecture.shortest_cut(stored)
+        return keep if keep >= max(MIN_REUSED_PREFIX, shortest) else 0
 
     def _start_from_prefix(self, tokens: list[int], body: int) -> tuple[int, PreludeSource]:
         """Restore the cached entry sharing the longest prefix and trim it; (start, source)."""
@@ -134,13 +166,8 @@ class PreludeStates:
         whole or less its last position once it is longer than the window."""
         if self.cache is None:
             return None
-        architecture = self.context.model.architecture
-        usable = []
-        for entry in self.cache.entries():
-            stored = entry.n_tokens - 1
-            keep = min(common_prefix_length(entry.tokens, tokens), stored, body)
-            if keep >= max(MIN_REUSED_PREFIX, architecture.shortest_cut(stored)):
-                usable.append((entry, keep))
+        usable = [(entry, keep) for entry in self.cache.entries()
+                  if (keep := self._usable_prefix(entry.tokens, tokens, body))]
         return max(usable, key=lambda pair: pair[1], default=None)
 
     def _settle(self) -> None:

@@ -28,10 +28,19 @@ class Promoted:
     next_turn: str
 
 
+@dataclass(frozen=True)
+class PromotedText:
+    """What `promote` writes for one output, before it is written."""
+
+    text: str
+    chat_format: ChatFormatKind | None  # None: --next-turn gave the opening
+    next_turn: str
+
+
 def promote(workspace: Workspace, draft: str, k: int, *, name: str | None = None, force: bool = False,
             next_turn: str | None = None) -> Promoted:
     """Write preludes/NAME.txt = draft + output K + the next user turn's opening."""
-    draft_path = _draft_path(workspace, draft)
+    draft_path = draft_path_of(workspace, draft)
     if k < 0:
         raise InputFileError(f"K = {k}: output numbers start at 0")
     outputs = OutputSet.for_draft(workspace, draft_path)
@@ -44,6 +53,14 @@ def promote(workspace: Workspace, draft: str, k: int, *, name: str | None = None
     if judge_output(str(k), output_path, [draft_path], None, None).reason is StaleReason.OLDER:
         log.warning("%s/%s is older than the draft: it answers an earlier version of it",
                     DRAFTS_OUTPUTS, output_path.name)
+    promoted = promoted_text(draft_path, draft_text, answer, next_turn)
+    write_output(target, promoted.text)
+    return Promoted(target, promoted.chat_format, promoted.next_turn)
+
+
+def promoted_text(draft_path: Path, draft_text: str, answer: str, next_turn: str | None = None) -> PromotedText:
+    """draft + answer + the next user turn's opening (from the draft's chat format unless
+    `next_turn` gives it): the prelude `promote` writes, and `pick` tries in memory."""
     chat = detect(draft_text)
     if next_turn is None:
         if chat is None:
@@ -53,11 +70,17 @@ def promote(workspace: Workspace, draft: str, k: int, *, name: str | None = None
         next_turn = chat.next_turn
         if chat.kind == ChatFormatKind.PLAIN and answer.endswith("\n"):
             next_turn = next_turn.removeprefix("\n")  # the answer already ends its line
-    write_output(target, draft_text + answer + next_turn)
-    return Promoted(target, chat.kind if chat else None, next_turn)
+    return PromotedText(draft_text + answer + next_turn, chat.kind if chat else None, next_turn)
 
 
-def _draft_path(workspace: Workspace, draft: str) -> Path:
+def check_prelude_target(workspace: Workspace, name: str, force: bool) -> Path:
+    """preludes/NAME.txt if `promote` may write it (a valid name; -f to overwrite)."""
+    target = workspace.folder(PRELUDES) / f"{_prelude_name(name)}.txt"
+    _check_target(target, force)
+    return target
+
+
+def draft_path_of(workspace: Workspace, draft: str) -> Path:
     """prelude_drafts/NAME.txt from NAME, NAME.txt or prelude_drafts/NAME.txt."""
     stem = Path(draft).name.removesuffix(".txt")
     path = workspace.folder(DRAFTS) / f"{stem}.txt"

@@ -246,3 +246,25 @@ def _shown_answer(answer: dict[str, Any], length: int) -> ShownAnswer:
     if any(not 0 <= start <= end <= length or not math.isfinite(lp) for start, end, lp in spans):
         raise ValueError("token offsets outside the prelude")
     return ShownAnswer(int(answer["index"]), float(answer["mean_logprob"]), float(answer["perplexity"]), spans)
+
+
+# ----- one example of a prelude held in memory (pick's tie-break) ----------------------------------
+
+
+def last_example_logprob(backend: Backend, text: str, label: str) -> float | None:
+    """The mean log-probability of the last example answer of the prelude `text` (the answer
+    `pick` tries), or None if it has no chat format or no complete answer. Nothing is stored
+    (Backend.token_logprobs with store=False): the part before the answer is the draft's, the
+    same for every candidate, and stays prepared for the next one."""
+    chat = detect(text)
+    spans = answer_spans(text, markers_of(chat)) if chat is not None else []
+    if not spans:
+        return None
+    tokens = backend.prelude_tokens(text, label)
+    offsets = token_offsets(backend.token_pieces(tokens), text)
+    start, end = spans[-1]
+    ids = [i for i in range(1, len(tokens)) if start <= offsets[i][0] < end]
+    if len(ids) < 1 or ids[0] < 2:
+        return None
+    logprobs = backend.token_logprobs(tokens, ids[0], ids[-1] + 1, label, store=False)
+    return sum(logprobs) / len(logprobs)

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from cached_prompts.commands.check import InputCheck, OutputCheck, check_workspace
 from cached_prompts.errors import InputFileError
+from cached_prompts.method.checking import Rate
 from cached_prompts.fs.regular import NotRegularFileError, read_regular
 from cached_prompts.method.scoring import ShownAnswer, read_scores
 from cached_prompts.options import SamplingOptions
@@ -46,6 +48,7 @@ class OutputView:
     file: FileText | None = None  # None when missing
     record: OutputRecord | None = None
     why_stale: str = ""
+    checked: OutputCheck | None = None  # against its input's expectations (check.py); None: it has none
 
     @property
     def deterministic(self) -> bool:
@@ -68,6 +71,8 @@ class InputView:
     skipped: list[str] = field(default_factory=list)
     prelude_tokens: int | None = None  # of its prelude; for a draft: the draft itself
     prompt_tokens: int | None = None   # 0 for a draft
+    checked: InputCheck | None = None  # its pass rate (check.py); None: no expectations
+    check_problem: str = ""  # why its expectations cannot be used
 
     @property
     def name(self) -> str:
@@ -80,6 +85,7 @@ class PreludeView:
     prompts: list[InputView] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     scores: list[ShownAnswer] | None = None  # of its example answers, from score-preludes
+    rate: Rate | None = None  # pooled over its test prompts' checked outputs
 
     @property
     def name(self) -> str:
@@ -260,7 +266,29 @@ def collect(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: i
     data = ReportData(workspace.root.name, utc_now(), run_id, n_ctx, drafts, preludes, orphans, [],
                       _stray_outputs(workspace, drafts, [*(p for pr in preludes for p in pr.prompts), *orphans]))
     _merge_skipped(data, workspace, skipped)
+    _attach_checks(data, workspace, model_id, sampling)
     return data
+
+
+def _attach_checks(data: ReportData, workspace: Workspace, model_id: str | None,
+                   sampling: SamplingOptions | None) -> None:
+    """Pass/fail of each output and the rates, as `check` reports them; an expectations file
+    `check` cannot use is said on its input (a run still makes its outputs)."""
+    report = check_workspace(workspace, model_id=model_id, sampling=sampling)
+    by_input = {item.input: item for item in (*report.prompts, *report.drafts)}
+    problems = dict(report.skipped)
+    for view in data.inputs():
+        view.check_problem = problems.get(view.file.name, "")
+        checked = by_input.get(view.file.name)
+        if checked is None:
+            continue
+        view.checked = checked
+        outputs = {Path(o.output).name: o for o in checked.outputs}
+        for output in view.outputs:
+            output.checked = outputs.get(output.name)
+    rates = dict(report.preludes())
+    for prelude in data.preludes:
+        prelude.rate = rates.get(prelude.file.name)
 
 
 def _collect_drafts(collector: _Collector) -> list[InputView]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cached_prompts.fs.files import atomic_write_text
+from cached_prompts.method.checking import Rate
 from cached_prompts.options import SamplingOptions
 from cached_prompts.report.data import (FileText, InputKind, InputView, OutputState, OutputView, PreludeView, ReportData,
                           TokenCounter, collect)
@@ -182,6 +183,7 @@ def _header(data: ReportData) -> str:
         "<input id=\"filter\" type=\"search\" placeholder=\"Filter prompts and outputs\" "
         "aria-label=\"Filter prompts and outputs\" autocomplete=\"off\" spellcheck=\"false\">"
         "<label class=\"only\"><input type=\"checkbox\" id=\"only-attention\"> only stale, missing, skipped</label>"
+        "<label class=\"only\"><input type=\"checkbox\" id=\"only-failing\"> only failing</label>"
         "<span id=\"shown\" aria-live=\"polite\"></span>"
         "<span class=\"keys\"><kbd>j</kbd> <kbd>k</kbd> next / previous · <kbd>/</kbd> filter · "
         "<kbd>Esc</kbd> clear</span>"
@@ -217,7 +219,8 @@ def _prelude_section(prelude: PreludeView, data: ReportData, index: int) -> str:
         "<p class=\"none\">No test prompts use this prelude.</p>"
     return (f"<section class=\"group\" id=\"prelude-{index}\" data-group=\"{_e(prelude.name)}\">"
             f"<h2><span class=\"kind\">prelude</span> <span class=\"name\">{_e(prelude.name)}</span> "
-            f"<span class=\"count\">{_plural(len(prelude.prompts), 'test prompt')}</span></h2>\n{reasons}"
+            f"<span class=\"count\">{_plural(len(prelude.prompts), 'test prompt')}</span>"
+            f"{_rate(prelude.rate) if prelude.rate else ''}</h2>\n{reasons}"
             f"{_source(prelude.file, 'prelude text', open_=False)}{_heat_map(prelude)}{prompts}</section>\n")
 
 
@@ -282,12 +285,18 @@ def _item(item: InputView, data: ReportData) -> str:
     attention = bool(item.skipped) or any(o.state is not OutputState.FRESH for o in item.outputs)
     is_draft = item.kind is InputKind.DRAFT
     reasons = "".join(f"<p class=\"skip\">Skipped: {_e(r)}</p>" for r in item.skipped)
+    if item.check_problem:
+        reasons += f"<p class=\"skip\">Not checked: {_e(item.check_problem)}</p>"
     cards = "".join(_card(o, item, data) for o in item.outputs) or "<p class=\"none\">No outputs.</p>"
+    checked = item.checked
+    failing = checked is not None and (not checked.reaches_threshold or any(not o.passed for o in checked.outputs))
     counts = f"{_plural(len([o for o in item.outputs if o.state is not OutputState.MISSING]), 'output')}"
     return (f"<article class=\"item\" tabindex=\"-1\" data-kind=\"{item.kind.value}\" data-name=\"{_e(item.name)}\" "
-            f"data-attention=\"{str(attention).lower()}\">"
+            f"data-attention=\"{str(attention).lower()}\" data-failing=\"{str(failing).lower()}\">"
             f"<h3><span class=\"kind\">{_e(item.kind.value)}</span> <span class=\"name\">{_e(item.name)}</span>"
-            f"<span class=\"count\">{counts}</span></h3>\n{reasons}"
+            f"<span class=\"count\">{counts}</span>"
+            f"{_rate(checked.rate, checked.expectations.threshold, checked.reaches_threshold) if checked else ''}"
+            f"</h3>\n{reasons}"
             f"{_source(item.file, 'draft text' if is_draft else 'prompt', open_=not is_draft)}"
             f"<div class=\"cards\">{cards}</div></article>\n")
 
@@ -304,6 +313,7 @@ def _card(output: OutputView, item: InputView, data: ReportData) -> str:
     stale = output.state is OutputState.STALE
     if stale:
         badges += f"<span class=\"badge stale\" title=\"{_e(output.why_stale)}\">stale</span>"
+    badges += _check_mark(output)
     file = output.file
     text = f"<pre class=\"out\">{_e(file.text)}</pre>" if file and file.text is not None else \
         f"<p class=\"skip\">{_e(output.name)} {_e(file.problem if file else '')}</p>"
@@ -313,6 +323,32 @@ def _card(output: OutputView, item: InputView, data: ReportData) -> str:
             f"<span class=\"tokens\">{_tokens(output.tokens)}</span><span class=\"sim\"></span>"
             f"<button type=\"button\" class=\"ref-button\" title=\"highlight how the other outputs differ from this one\">"
             f"compare</button></div>{_context_bar(output, item, data)}{text}{_record(output, data)}</div>")
+
+
+def _rate(rate: Rate, threshold: float | None = None, reaches: bool = True) -> str:
+    """k/n passed, the rate and its 95% interval (and the threshold, for a prompt)."""
+    low, high = rate.interval
+    percent = "-" if rate.rate is None else f"{100 * rate.rate:.0f}%"
+    text = f"{rate.passed}/{rate.total} passed · {percent} [{100 * low:.0f}%, {100 * high:.0f}%]"
+    title = "pass rate with its 95% Wilson interval"
+    if threshold is not None:
+        text += f" · needs {100 * threshold:.0f}%"
+        title += "; under the threshold" if not reaches else ""
+    cls = "rate" if reaches else "rate under"
+    return f"<span class=\"{cls}\" title=\"{_e(title)}\">{_e(text)}</span>"
+
+
+def _check_mark(output: OutputView) -> str:
+    """Pass or fail against the expectations; hover names the failing checks."""
+    checked = output.checked
+    if checked is None:
+        return ""
+    if checked.passed:
+        return "<span class=\"badge check pass\" title=\"passes every check\">pass</span>"
+    said = [f"{f.name} ({f.why})" for f in checked.failed]
+    if checked.why and not said:
+        said.append(f"{checked.status.value}: not counted as a pass")
+    return f"<span class=\"badge check fail\" title=\"{_e('; '.join(said))}\">fail</span>"
 
 
 def _context_bar(output: OutputView, item: InputView, data: ReportData) -> str:

@@ -11,6 +11,7 @@
   var groups = Array.prototype.slice.call(document.querySelectorAll("section.group[data-group]"));
   var filter = document.getElementById("filter");
   var onlyAttention = document.getElementById("only-attention");
+  var onlyFailing = document.getElementById("only-failing");
   var shown = document.getElementById("shown");
   var noMatch = document.getElementById("no-match");
   var current = -1;
@@ -117,26 +118,29 @@
   // ----- filter ------------------------------------------------------------------------------
   function applyFilter() {
     var needle = filter.value.trim().toLowerCase(), attention = onlyAttention.checked, visible = 0;
+    var failing = onlyFailing.checked;
     groups.forEach(function (group) {
       var groupName = (group.dataset.group || "").toLowerCase();
       var groupMatches = needle !== "" && groupName.indexOf(needle) !== -1;
       var groupItems = group.querySelectorAll("article.item"), anyShown = false;
       groupItems.forEach(function (item) {
         var text = groupMatches || needle === "" || item.textContent.toLowerCase().indexOf(needle) !== -1;
-        var show = text && (!attention || item.dataset.attention === "true");
+        var show = text && (!attention || item.dataset.attention === "true") &&
+          (!failing || item.dataset.failing === "true");
         item.hidden = !show;
         if (show) { anyShown = true; visible++; }
       });
-      var empty = groupItems.length === 0 && (groupMatches || needle === "") && !attention;
+      var empty = groupItems.length === 0 && (groupMatches || needle === "") && !attention && !failing;
       group.hidden = !(anyShown || empty);
     });
-    var filtering = needle !== "" || attention;
+    var filtering = needle !== "" || attention || failing;
     shown.textContent = filtering ? visible + " of " + items.length + " shown" : "";
     noMatch.hidden = !(filtering && visible === 0);
     if (current >= 0 && items[current].hidden) { setCurrent(-1); }
   }
   filter.addEventListener("input", applyFilter);
   onlyAttention.addEventListener("change", applyFilter);
+  onlyFailing.addEventListener("change", applyFilter);
 
   // ----- keyboard --------------------------------------------------------------------------
   // The item j/k moves to scrolls to just below the sticky toolbar, whose height wraps with the width.
