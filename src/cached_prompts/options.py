@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 KvType = Literal["f16", "q8_0", "q8_0-keys"]
 Repack = Literal["auto", "on", "off"]
+Draft = Literal["auto", "off"]
 DEFAULT_CACHE_MAX_SIZE = "4G"
 # llama.cpp's limits on the context parameters (llama-context.cpp, ggml.h):
 MIN_N_CTX = 16  # (engine.Context also checks n_ctx and n_batch against the sequences it decodes)
@@ -149,6 +150,10 @@ class EngineOptions(BaseModel):
         "auto", json_schema_extra=_flag(
             "--lp-repack", "weights in llama.cpp's repacked CPU layouts: on, off, or auto (on, except where "
                            "the CPU has AMX: llama.cpp's AMX path crashes there)"))
+    draft: Draft = Field(
+        "auto", json_schema_extra=_flag(
+            "--draft", "n-gram draft tokens verified in the same decode (lookup speculative decoding, "
+                       "local engine): auto (where they pay) or off; see docs/drafts.md"))
     cache_max_size: str = Field(
         DEFAULT_CACHE_MAX_SIZE, json_schema_extra=_flag(
             "--cache-max-size", "largest total size of llm_cache/, in bytes or with K, M, G, T "

@@ -12,7 +12,8 @@ from cached_prompts.workspace.layout import Workspace
 log = logging.getLogger(__name__)
 
 # Engine options that only llama.cpp in this process reads: a server has its own.
-LOCAL_ENGINE_ONLY = frozenset({"model_path", "n_threads", "n_batch", "n_ubatch", "n_gpu_layers", "kv_type"})
+LOCAL_ENGINE_ONLY = frozenset({"model_path", "n_threads", "n_batch", "n_ubatch", "n_gpu_layers", "kv_type",
+                               "draft"})
 
 
 def engine_flag(name: str) -> str:

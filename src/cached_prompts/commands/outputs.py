@@ -249,9 +249,12 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
     observer = report.observer
     making = [path for item in batch for path in item.outputs]
     observer.generating(making, f"{name}: {described}", budget)
+    counters = backend.counters
+    drafts_before = (counters.drafted_tokens, counters.accepted_tokens)
 
     def step(new: int) -> None:
-        progress.generated(new, described, budget)
+        progress.generated(new, described, budget, drafted=counters.drafted_tokens - drafts_before[0],
+                           accepted=counters.accepted_tokens - drafts_before[1])
         observer.step(new)
 
     try:
@@ -310,7 +313,8 @@ class _Made:
                             generated_tokens=completion.tokens, seconds=round(self.seconds, 3),
                             prelude_tokens=self.prelude_tokens, prompt_tokens=self.prompt_tokens,
                             n_ctx=self.backend.n_ctx, stop_reason=completion.stop_reason,
-                            recipe=recipe.to_json())
+                            recipe=recipe.to_json(), drafted_tokens=completion.drafted_tokens,
+                            accepted_tokens=completion.accepted_tokens)
 
 
 def _write_outputs(item: _Input, completions: list[Completion], made: _Made, report: RunReport) -> None:
