@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 KvType = Literal["f16", "q8_0", "q8_0-keys"]
 Repack = Literal["auto", "on", "off"]
 EngineProcess = Literal["worker", "in-process"]
+Draft = Literal["auto", "off"]
 DEFAULT_CACHE_MAX_SIZE = "4G"
 # llama.cpp's limits on the context parameters (llama-context.cpp, ggml.h):
 MIN_N_CTX = 16  # (engine.Context also checks n_ctx and n_batch against the sequences it decodes)
@@ -158,6 +159,10 @@ class EngineOptions(BaseModel):
             "--lp-engine-process", "worker: llama.cpp runs in a process of its own, so that a crash inside it "
                                    "is an error and the engine starts again (docs/robustness.md); in-process: "
                                    "in this process (a crash there ends the run)"))
+    draft: Draft = Field(
+        "auto", json_schema_extra=_flag(
+            "--draft", "n-gram draft tokens verified in the same decode (lookup speculative decoding, "
+                       "local engine): auto (where they pay) or off; see docs/drafts.md"))
     cache_max_size: str = Field(
         DEFAULT_CACHE_MAX_SIZE, json_schema_extra=_flag(
             "--cache-max-size", "largest total size of llm_cache/, in bytes or with K, M, G, T "

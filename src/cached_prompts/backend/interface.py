@@ -81,6 +81,8 @@ class Counters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     server_cached_tokens: int = 0  # prompt tokens a server took from its own cache
+    drafted_tokens: int = 0  # n-gram draft tokens verified (local engine, --draft auto)
+    accepted_tokens: int = 0  # of those, the ones the sampler chose (generated_tokens counts them too)
     sources: list[str] = field(default_factory=list)  # of the last SOURCES_KEPT loads
 
     def note_load(self, load: PreludeLoad) -> PreludeLoad:
@@ -115,6 +117,8 @@ class Completion:
     tokens: int  # generated tokens (stop strings and the end token included, as decoded)
     seed: int | None  # None: greedy
     stop_reason: StopReason | None = None  # None: the backend did not say
+    drafted_tokens: int = 0  # draft tokens verified for it (local engine, --draft auto)
+    accepted_tokens: int = 0  # of those, the ones kept
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,10 @@ class GenerationRequest:
     label: str
     kind: PreludeKind = PreludeKind.PRELUDE
     store: bool = True  # keep the prelude's state (drafts: no)
+    # Sampled outputs may draft from the prelude's pool of earlier outputs (llm_cache/): their
+    # bytes then depend on what earlier requests answered, so only callers whose answers are
+    # not files (the REPL) ask for it; greedy outputs never use it (see docs/drafts.md).
+    draft_pool: bool = False
 
 
 @dataclass

@@ -38,6 +38,7 @@ from typing import Any
 
 from cached_prompts.fs import locks
 from cached_prompts.backend.interface import common_prefix_length
+from cached_prompts.cache.draft_pool import DRAFTS_SUFFIX, pool_file
 from cached_prompts.errors import CacheError, CacheWriteError
 from cached_prompts.fs.files import atomic_write, atomic_write_text, remove_stale_temp_files
 from cached_prompts.fs.regular import NotRegularFileError, open_regular, read_regular
@@ -186,8 +187,9 @@ def discard(folder: Path, name: str, reason: str) -> None:
 
 
 def remove_entry_files(folder: Path, name: str) -> None:
-    """Metadata first: from then on the entry does not exist for any reader."""
-    for path in (meta_file(folder, name), state_file(folder, name)):
+    """Metadata first: from then on the entry does not exist for any reader. Its draft pool
+    (draft_pool.py) goes with it."""
+    for path in (meta_file(folder, name), state_file(folder, name), pool_file(folder, name)):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -243,7 +245,8 @@ def entry_size(folder: Path, entry: Entry) -> int:
 
 def files_size(folder: Path, name: str) -> int:
     """Bytes of the regular files of the entry `name` (a link counts nothing)."""
-    return sum(_regular_size(path) for path in (meta_file(folder, name), state_file(folder, name)))
+    return sum(_regular_size(path) for path in (meta_file(folder, name), state_file(folder, name),
+                                                pool_file(folder, name)))
 
 
 def _regular_size(path: Path | str) -> int:
@@ -271,6 +274,10 @@ def remove_leftovers(folder: Path) -> list[str]:
         return removed
     metas = {p.name[: -len(META_SUFFIX)] for p in folder.glob(f"*{META_SUFFIX}")}
     states = {p.name[: -len(STATE_SUFFIX)] for p in folder.glob(f"*{STATE_SUFFIX}")}
+    for pool in folder.glob(f"*{DRAFTS_SUFFIX}"):  # a draft pool outlived its entry
+        if pool.name[: -len(DRAFTS_SUFFIX)] not in metas:
+            pool.unlink(missing_ok=True)
+            removed.append(pool.name)
     if metas == states:
         return removed
     try:

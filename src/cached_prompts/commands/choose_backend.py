@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 # Engine options that only llama.cpp in this process reads: a server has its own.
 LOCAL_ENGINE_ONLY = frozenset({"model_path", "n_threads", "n_batch", "n_ubatch", "n_gpu_layers", "kv_type",
-                               "engine_process"})
+                               "engine_process", "draft", "repack"})
 
 
 def engine_flag(name: str) -> str:

@@ -258,9 +258,12 @@ def _generate(backend: Backend, progress: Progress, name: str, prelude: list[int
     making = [path for item in batch for path in item.outputs]
     observer.generating(making, f"{name}: {described}", budget)
     check = ChangeCheck([item.seen for item in batch]) if observer.abandon_when_inputs_change else None
+    counters = backend.counters
+    drafts_before = (counters.drafted_tokens, counters.accepted_tokens)
 
     def step(new: int) -> None:
-        progress.generated(new, described, budget)
+        progress.generated(new, described, budget, drafted=counters.drafted_tokens - drafts_before[0],
+                           accepted=counters.accepted_tokens - drafts_before[1])
         observer.step(new)
         if check is not None:
             check()
@@ -328,7 +331,8 @@ class _Made:
                             generated_tokens=completion.tokens, seconds=round(self.seconds, 3),
                             prelude_tokens=self.prelude_tokens, prompt_tokens=self.prompt_tokens,
                             n_ctx=self.backend.n_ctx, stop_reason=completion.stop_reason,
-                            recipe=recipe.to_json())
+                            recipe=recipe.to_json(), drafted_tokens=completion.drafted_tokens,
+                            accepted_tokens=completion.accepted_tokens)
 
 
 def _write_outputs(item: _Input, completions: list[Completion], made: _Made, report: RunReport) -> None:

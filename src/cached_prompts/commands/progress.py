@@ -49,13 +49,15 @@ class Progress:
         log.info("    %s: prelude %d/%d tokens, %.0f tok/s, ETA %s",
                  self._item, done, total, rate, _seconds((total - done) / max(rate, 1e-6)))
 
-    def generated(self, new_tokens: int, outputs: str, budget: int) -> None:
+    def generated(self, new_tokens: int, outputs: str, budget: int, *, drafted: int = 0, accepted: int = 0) -> None:
+        """`drafted`/`accepted`: n-gram draft tokens verified and kept for this item so far."""
         self._tokens += new_tokens
         if not self._due():
             return
         rate = self._tokens / max(time.monotonic() - self._item_started, 1e-6)
-        log.info("    %s: %s, %d tokens so far (at most %d), %.0f tok/s",
-                 self._item, outputs, self._tokens, budget, rate)
+        drafts = f", {accepted} of {drafted} draft tokens accepted" if drafted else ""
+        log.info("    %s: %s, %d tokens so far (at most %d), %.0f tok/s%s",
+                 self._item, outputs, self._tokens, budget, rate, drafts)
 
     def _due(self) -> bool:
         now = time.monotonic()

@@ -7,7 +7,9 @@ so cached and uncached outputs are bitwise identical):
      the joint tokenization changed the prelude's last tokens) into its own sequence and
      decodes the rest of its joint tokens, which leaves the logits of the first answer token;
   3. the outputs are decoded (generation.py). A greedy output is decoded alone: a batch of
-     several sequences changes llama.cpp's arithmetic slightly.
+     several sequences changes llama.cpp's arithmetic slightly. With `--draft auto` each wave
+     gets its n-gram drafts (drafting.py): a greedy one from its own tokens only, a sampled one
+     from every joint token and output of the request (and the prelude's pool, if asked).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 from cached_prompts.backend.interface import (Backend, BackendKind, Completion, Counters, GenerationRequest, PreludeKind,
                       PreludeLoad, ProgressCallback, StepCallback, StoredPrelude, TextCallback,
                       reusable_length)
+from cached_prompts.cache.draft_pool import DraftPool
 from cached_prompts.cache.store import CacheStore, meta_file
 from cached_prompts.local import activity
+from cached_prompts.local.drafting import DraftCost, Drafting
 from cached_prompts.local.engine import (LLAMA_CPP_VERSION, Context, Model, SamplerChain, check_context_limits,
-                                         init_backend, resolve_repack, state_settings)
+                                         init_backend, resolve_gpu_layers, resolve_repack, state_settings)
 from cached_prompts.errors import ConstraintError, StateUnusableError
 from cached_prompts.local.generation import Branch, BranchText, generate_branches
 from cached_prompts.local.model_file import fingerprint_model, resolve_model_path
@@ -56,6 +60,19 @@ class LocalBackend(Backend):
         self.counters = Counters()
         self.states = PreludeStates(self.context, self.cache, self.counters)
         self._kept: dict[tuple[str, PreludeKind], tuple[list[int], str]] = {}  # -> (tokens, entry name)
+        self.pool = DraftPool(self.cache.folder, self.cache.settings_key, self.model.n_vocab) if self.cache else None
+        self.draft_cost = DraftCost.for_model(model_path.stat().st_size,
+                                              on_gpu=resolve_gpu_layers(options.n_gpu_layers, warn=False) != 0)
+
+    @property
+    def drafts(self) -> str:
+        """Whether outputs are decoded with n-gram drafts, and if not, why (the REPL's `info`)."""
+        if self.options.draft == "off":
+            return "off"
+        if not self.model.architecture.memory.trims:
+            return (f"off: a {self.model.architecture.memory.value} memory cannot drop the cells of "
+                    "rejected drafts")
+        return "auto"
 
     # ----- what it is -----------------------------------------------------------------------
 
@@ -76,7 +93,7 @@ class LocalBackend(Backend):
                 "context_length": self.n_ctx, "llama_cpp_python_version": LLAMA_CPP_VERSION,
                 "architecture": self.model.architecture.name,
                 "memory": self.model.architecture.memory.value, "device": self.settings.device,
-                "cache_dir": str(self.cache.folder) if self.cache else None,
+                "drafts": self.drafts, "cache_dir": str(self.cache.folder) if self.cache else None,
                 "cache_disk_reads": self.cache.disk_reads if self.cache else 0,
                 "cache_disk_writes": self.cache.disk_writes if self.cache else 0}
 
@@ -192,16 +209,22 @@ class LocalBackend(Backend):
         budgets = [self.answer_budget(job.full, request.sampling, request.label) for job in jobs]
         outputs: list[dict[int | None, Completion]] = [{} for _ in jobs]
         counting = self._counting(on_step)
+        made: list[list[int]] | None = [] if self.drafts == "auto" else None  # tokens of the outputs so far
+        pool_entry = self._pool_entry(request) if made is not None else None
+        pooled = self.pool.read(pool_entry) if pool_entry and request.draft_pool else []
         for index, job in enumerate(jobs):
             self.counters.prompt_tokens += len(job.full) - self._reused(prelude, job.full)
             if None in job.seeds:
                 wave = [(index, [None])]
                 outputs[index][None] = self._run_checked_wave(request, wave, budgets, counting,
-                                                              _wave_text(request, wave, on_text))[0][0]
+                                                              _wave_text(request, wave, on_text), made)[0][0]
         for wave in self.plan_waves(request, budgets):
-            completed = self._run_checked_wave(request, wave, budgets, counting, _wave_text(request, wave, on_text))
+            completed = self._run_checked_wave(request, wave, budgets, counting, _wave_text(request, wave, on_text),
+                                               made, pooled)
             for (index, _), completions in zip(wave, completed):
                 outputs[index].update((c.seed, c) for c in completions)
+        if pool_entry and made:
+            self.pool.add(pool_entry, made)
         return [[outputs[i][seed] for seed in job.seeds] for i, job in enumerate(jobs)]
 
     def _reused(self, prelude: list[int], full: list[int]) -> int:
@@ -235,19 +258,44 @@ class LocalBackend(Backend):
         return waves
 
     def _run_checked_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int],
-                          on_step: StepCallback, on_text: BranchText | None) -> list[list[Completion]]:
+                          on_step: StepCallback, on_text: BranchText | None, made: list[list[int]] | None,
+                          pooled: list[list[int]] | None = None) -> list[list[Completion]]:
         """A wave; if the prelude state in memory cannot give a branch what it needs (see
-        Context.seq_copy), it is dropped and loaded again (restored or computed) once."""
+        Context.seq_copy), it is dropped and loaded again (restored or computed) once.
+        `made` (None: no drafts) holds the tokens of the request's outputs so far; the wave's
+        are added once it is done, so a retried wave drafts as the first try did."""
         try:
-            return self._run_wave(request, wave, budgets, on_step, on_text)
+            return self._run_wave(request, wave, budgets, on_step, on_text, made, pooled)
         except StateUnusableError as error:
             log.info("%s: the prelude state in memory cannot be used (%s); loading it again", request.label, error)
             self.states.unload()
             self.prepare_prelude(request.prelude, request.label, kind=request.kind, store=request.store)
-            return self._run_wave(request, wave, budgets, on_step, on_text)
+            return self._run_wave(request, wave, budgets, on_step, on_text, made, pooled)
 
-    def _run_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int],
-                  on_step: StepCallback, on_text: BranchText | None) -> list[list[Completion]]:
+    def _pool_entry(self, request: GenerationRequest) -> str | None:
+        """The name of the cache entry whose draft pool the request reads and feeds."""
+        if self.cache is None or not request.store:
+            return None
+        entry = self.cache.find_exact(request.prelude)
+        return entry.name if entry is not None else None
+
+    def _drafting(self, request: GenerationRequest, wave: Wave, made: list[list[int]] | None,
+                  pooled: list[list[int]] | None) -> Drafting | None:
+        """The wave's drafts: a greedy wave drafts from its own tokens only (generation.py
+        gives it a private index); a sampled one from the pool it was given, then every joint
+        token and output of the request so far (the latest occurrence of an n-gram wins)."""
+        if made is None:
+            return None
+        drafting = Drafting(self.draft_cost)
+        if any(seed is not None for _, seeds in wave for seed in seeds):
+            drafting.add_sources(pooled or [])
+            drafting.add_sources(job.full for job in request.jobs)
+            drafting.add_sources(made)
+        return drafting
+
+    def _run_wave(self, request: GenerationRequest, wave: Wave, budgets: list[int], on_step: StepCallback,
+                  on_text: BranchText | None, made: list[list[int]] | None,
+                  pooled: list[list[int]] | None) -> list[list[Completion]]:
         self.states.clear_outputs()
         prelude = request.prelude
         fulls = [request.jobs[index].full for index, _ in wave]
@@ -265,13 +313,34 @@ class LocalBackend(Backend):
 
         def step(n: int) -> None:
             activity.note(decoding)
-            on_step(n)
+            counting(n)
 
+        drafting = self._drafting(request, wave, made, pooled)
+        counting = self._counting_drafts(drafting, on_step)
+        tokens: list[list[int]] = []
         try:
-            return generate_branches(self.context, self.model, branches, request.sampling, decode_tail,
-                                     first_seq=PRELUDE_SEQ + 1, on_step=step, on_text=on_text)
+            completions = generate_branches(self.context, self.model, branches, request.sampling, decode_tail,
+                                            first_seq=PRELUDE_SEQ + 1, on_step=step,
+                                            on_text=on_text, drafting=drafting, tokens_out=tokens)
         finally:
             self.states.clear_outputs()
+        if made is not None:
+            made += tokens
+        return completions
+
+    def _counting_drafts(self, drafting: Drafting | None, on_step: StepCallback) -> StepCallback:
+        """Adds the wave's draft tokens to the counters as they are verified."""
+        if drafting is None:
+            return on_step
+        seen = [0, 0]
+
+        def count(n: int) -> None:
+            totals = drafting.totals
+            self.counters.drafted_tokens += totals.drafted - seen[0]
+            self.counters.accepted_tokens += totals.accepted - seen[1]
+            seen[:] = [totals.drafted, totals.accepted]
+            on_step(n)
+        return count
 
     def _counting(self, on_step: StepCallback | None) -> StepCallback:
         def count(n: int) -> None:

@@ -374,6 +374,17 @@ class Context:
             raise StateUnusableError(f"llama.cpp could not trim sequence {seq} to {keep} tokens")
         self._check_whole(seq, keep)
 
+    def discard_cells(self, seq: int, keep: int) -> None:
+        """Remove `seq`'s cells at positions >= keep: the draft tokens its sampler rejected
+        (generation.py). Only for memories that can be cut (`MemoryKind.trims`)."""
+        if not llama_cpp.llama_memory_seq_rm(self._memory, seq, keep, -1):
+            raise EngineError(f"llama.cpp could not remove the rejected draft cells of sequence {seq}; "
+                              "report this bug (--draft off avoids it)")
+        last = llama_cpp.llama_memory_seq_pos_max(self._memory, seq)
+        if last != keep - 1:
+            raise EngineError(f"sequence {seq} ends at position {last} after removing its rejected "
+                              f"drafts, not at {keep - 1}; report this bug (--draft off avoids it)")
+
     def seq_remove(self, seq: int) -> None:
         if not llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1):
             raise EngineError(f"llama.cpp could not clear sequence {seq}; report this bug")

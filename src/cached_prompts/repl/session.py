@@ -38,8 +38,10 @@ class PromptPlan:
     several: bool  # asked with `prompts`: the value is a list per prompt
 
     def request(self, jobs: list[PromptJob] | None = None) -> GenerationRequest:
+        # The REPL's answers are not files: its sampled ones may draft from the prelude's pool
+        # of earlier outputs (faster from the second request on; docs/drafts.md).
         return GenerationRequest(self.prelude, self.jobs if jobs is None else jobs, self.sampling,
-                                 self.prelude_id, kind=PreludeKind.EXTERNAL)
+                                 self.prelude_id, kind=PreludeKind.EXTERNAL, draft_pool=True)
 
     def joins(self, other: "PromptPlan") -> bool:
         """Whether the two can be decoded as one request."""

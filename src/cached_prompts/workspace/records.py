@@ -54,6 +54,8 @@ class OutputRecord:
     # Recipe.to_json() (recipe.py): what freshness compares. Records written before it was
     # kept have none; their outputs are judged by time and model only (outputs.py).
     recipe: dict | None = None
+    drafted_tokens: int = 0  # n-gram draft tokens verified while it was decoded (--draft auto)
+    accepted_tokens: int = 0  # of those, the ones kept (part of generated_tokens)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -66,6 +68,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int, type(None)), "created": (str,), "run_id": (str,), "generated_tokens": (int,),
     "seconds": (int, float), "prelude_tokens": (int,), "prompt_tokens": (int,), "n_ctx": (int,),
     "output_sha256": (str,), "stop_reason": (str, type(None)), "recipe": (dict, type(None)),
+    "drafted_tokens": (int,), "accepted_tokens": (int,),
 }
 _OPTIONAL = {field.name for field in dataclasses.fields(OutputRecord)
              if field.default is not dataclasses.MISSING}
@@ -149,4 +152,6 @@ def parse_record(data: bytes) -> OutputRecord | None:
             fields["stop_reason"] = StopReason(fields["stop_reason"])
         except ValueError:
             return None
+    if not 0 <= fields.get("accepted_tokens", 0) <= fields.get("drafted_tokens", 0):
+        return None
     return OutputRecord(**fields)
