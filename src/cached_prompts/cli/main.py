@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text, parents=[common])
         if name in ("outputs-for-drafts", "outputs-test-prompts"):
             command.add_argument("-n", type=int, default=5, metavar="N",
                                  help="sampled answers per input (default: 5)")
