@@ -164,11 +164,12 @@ def test_prelude_ids_with_the_same_file_name_form_get_their_own_entries(make_run
 
 def test_input_files_are_read_only_when_regular_and_bounded(cli, workspace: Path, tmp_path: Path) -> None:
     shared = write(tmp_path / "shared-prelude.txt", PRELUDE)
-    (workspace / "preludes" / "linked.txt").symlink_to(shared)  # a prelude shared by a link is read
+    # a prelude shared by a link to outside the workspace is read when the user allows it
+    (workspace / "preludes" / "linked.txt").symlink_to(shared)
     write(workspace / "test_prompts" / "linked---x.txt", prompt_for("river"))
     with (workspace / "test_prompts" / "dictionary---huge.txt").open("wb") as handle:
         handle.truncate(17 << 20)  # sparse: bigger than any input could need
-    code, _, err = cli(workspace, "outputs-test-prompts", "-d", "--max-tokens", "2")
+    code, _, err = cli(workspace, "--follow-links-outside", "outputs-test-prompts", "-d", "--max-tokens", "2")
     assert code == 1
     assert "dictionary---huge.txt" in err and "larger than" in err
     assert (workspace / OUTPUTS / "linked---x.output-deterministic.txt").is_file()

@@ -34,7 +34,7 @@ COMMANDS = {
 
 def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     if name == "promote":
-        parser.add_argument("draft", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt)")
+        parser.add_argument("draft_name", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt)")
         parser.add_argument("k", metavar="K", type=int, help="which output: prelude_drafts_outputs/DRAFT.output-K.txt")
         parser.add_argument("--as", dest="as_name", metavar="NAME", default=None,
                             help="write preludes/NAME.txt (default: the draft's name)")
@@ -60,7 +60,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def _add_pick_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("draft", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt); its outputs "
+    parser.add_argument("draft_name", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt); its outputs "
                                                        "are the candidates")
     parser.add_argument("--for", dest="for_prelude", metavar="PRELUDE", default=None,
                         help="run the test prompts PRELUDE---*.txt (default: the draft's name)")
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callabl
         with backend_factory() as backend:  # which model made the outputs is part of their freshness
             return print_check(workspace, backend.model_id, sampling, as_json=args.json)
     if args.command == "promote":
-        promoted = promote(workspace, args.draft, args.k, name=args.as_name, force=args.force,
+        promoted = promote(workspace, args.draft_name, args.k, name=args.as_name, force=args.force,
                            next_turn=args.next_turn)
         print(promoted.path.relative_to(workspace.root).as_posix())
         log.info("%s = draft + output %d + %r (%s)", promoted.path.name, args.k, promoted.next_turn,
@@ -133,7 +133,7 @@ def _run_pick(args: argparse.Namespace, workspace: Workspace, backend_factory: C
     if (args.as_name is not None or args.force) and not args.promote:
         raise OptionsError("--as and -f go with --promote")
     with backend_factory() as backend:
-        result = pick_module.pick(workspace, backend, args.draft, sampling, prelude_name=args.for_prelude, n=args.n,
+        result = pick_module.pick(workspace, backend, args.draft_name, sampling, prelude_name=args.for_prelude, n=args.n,
                                   deterministic=args.deterministic, promote_as=args.as_name,
                                   promote_winner=args.promote, force=args.force, next_turn=args.next_turn)
         counters = backend.counters
