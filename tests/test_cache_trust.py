@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from .conftest import CHATML_SYSTEM, PRELUDE, age, generate, prompt_for, write
 
+from cached_prompts.backend.interface import PreludeKind
 from cached_prompts.fs import locks
 from cached_prompts.cache.store import (FOLDER_LOCK, META_SUFFIX, STATE_SUFFIX, CacheStore, StateSettings,
                                   clear_folder, entry_lock_path, folder_size, parse_meta, tokens_digest)
@@ -151,11 +152,12 @@ def test_killing_precache_at_many_points_never_leaves_an_entry_that_is_used(
 WRITER = """
 import sys
 from pathlib import Path
+from cached_prompts.backend.interface import PreludeKind
 from cached_prompts.cache.store import CacheStore, StateSettings
 store = CacheStore(Path(sys.argv[1]), StateSettings("0" * 64, "f16", "test"))
 print("ready", flush=True)
 for i in range(4):
-    store.store(f"big{i}", "prelude", [1, 2, 3, i], bytes([i]) * (48 << 20))
+    store.store(f"big{i}", PreludeKind.PRELUDE, [1, 2, 3, i], bytes([i]) * (48 << 20))
 """
 
 
@@ -281,6 +283,13 @@ def test_an_entry_of_another_format_version_is_removed(tmp_path, cli, reference)
     path = cache / f"{entry_of(cache, 'dictionary')}{META_SUFFIX}"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"format": 99}))
     _run_outputs_expecting_one_warning(cli, root, "format 99", reference)
+
+
+def test_an_entry_of_an_unknown_kind_is_removed(tmp_path, cli, reference) -> None:
+    root, cache = _precached(tmp_path)
+    path = cache / f"{entry_of(cache, 'story')}{META_SUFFIX}"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"kind": "notes"}))
+    _run_outputs_expecting_one_warning(cli, root, "its kind 'notes' is none of", reference)
 
 
 def _other_model(model_path: Path, target: Path) -> Path:
@@ -564,7 +573,7 @@ def test_lock_files_planted_as_links_create_nothing_outside(tmp_path: Path,
     entry_lock.symlink_to(outside / "entry.lock")
     (cache / FOLDER_LOCK).symlink_to(outside / "folder.lock")
     store = CacheStore(cache, FAKE_SETTINGS)
-    entry = store.store("p", "prelude", tokens, b"s" * 100)  # takes both locks
+    entry = store.store("p", PreludeKind.PRELUDE, tokens, b"s" * 100)  # takes both locks
     assert list(outside.iterdir()) == []
     assert not (cache / FOLDER_LOCK).is_symlink() and not entry_lock.is_symlink()
     assert CacheStore(cache, FAKE_SETTINGS).load_state(entry) == b"s" * 100
@@ -579,7 +588,7 @@ def test_lock_files_planted_as_links_create_nothing_outside(tmp_path: Path,
 def test_planted_metadata_neither_hangs_nor_floods_memory_and_only_use_removes_it(
         tmp_path: Path, kind: str) -> None:
     cache = tmp_path / "cache"
-    CacheStore(cache, FAKE_SETTINGS).store("good", "prelude", [1, 2], b"s" * 100)
+    CacheStore(cache, FAKE_SETTINGS).store("good", PreludeKind.PRELUDE, [1, 2], b"s" * 100)
     planted = cache / f"planted.{'a' * 20}{META_SUFFIX}"
     plant(planted, kind, tmp_path)
     (cache / f"planted.{'a' * 20}{STATE_SUFFIX}").write_bytes(b"s" * 100)  # not a mere leftover
@@ -596,7 +605,7 @@ def test_planted_metadata_neither_hangs_nor_floods_memory_and_only_use_removes_i
 @pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero", "huge sparse file", "link to a copy"])
 def test_a_planted_state_file_is_read_no_further_than_its_metadata_promises(tmp_path: Path, kind: str) -> None:
     cache = tmp_path / "cache"
-    entry = CacheStore(cache, FAKE_SETTINGS).store("p", "prelude", [1, 2, 3], b"s" * 4096)
+    entry = CacheStore(cache, FAKE_SETTINGS).store("p", PreludeKind.PRELUDE, [1, 2, 3], b"s" * 4096)
     plant(cache / f"{entry.name}{STATE_SUFFIX}", kind, tmp_path)
     loaded = run_reader(cache, "load")
     assert loaded.returncode == 0, loaded.stderr
@@ -607,7 +616,7 @@ def test_a_planted_state_file_is_read_no_further_than_its_metadata_promises(tmp_
 def test_touching_an_entry_whose_metadata_became_a_link_touches_nothing_outside(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     store = CacheStore(cache, FAKE_SETTINGS)
-    entry = store.store("p", "prelude", [1, 2, 3], b"s" * 100)
+    entry = store.store("p", PreludeKind.PRELUDE, [1, 2, 3], b"s" * 100)
     meta = cache / f"{entry.name}{META_SUFFIX}"
     outside = tmp_path / "outside.json"
     shutil.copy(meta, outside)

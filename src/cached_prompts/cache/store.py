@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cached_prompts.fs import locks
-from cached_prompts.backend.interface import common_prefix_length
+from cached_prompts.backend.interface import PreludeKind
 from cached_prompts.cache.draft_pool import DRAFTS_SUFFIX, pool_file
 from cached_prompts.errors import CacheError, CacheWriteError
 from cached_prompts.fs.files import atomic_write, atomic_write_text, remove_stale_temp_files
@@ -85,7 +85,7 @@ class Entry:
     all but the last one (the last is decoded with the prompt, see runner.py)."""
 
     label: str
-    kind: str
+    kind: PreludeKind  # stored as its value ("prelude", "external"...)
     tokens: list[int]
     settings: dict[str, Any]
     settings_key: str
@@ -155,14 +155,30 @@ def parse_meta(path: Path) -> Entry:
     if raw.get("format") != FORMAT_VERSION:
         raise InvalidEntry(f"format {raw.get('format')!r}, this version reads {FORMAT_VERSION}")
     try:
-        entry = Entry(**raw, name=path.name[: -len(META_SUFFIX)], last_used=info.st_mtime,
-                      meta_inode=info.st_ino)
+        entry = Entry(**{**raw, "kind": _kind_of(raw.get("kind"))}, name=path.name[: -len(META_SUFFIX)],
+                      last_used=info.st_mtime, meta_inode=info.st_ino)
     except TypeError as error:
         raise InvalidEntry(f"metadata fields are wrong ({error})") from None
     problem = _metadata_problem(entry)
     if problem:
         raise InvalidEntry(problem)
     return entry
+
+
+def _kind_of(raw: Any) -> PreludeKind:
+    """The kind a metadata file names; one this version does not know fails the checks."""
+    try:
+        return PreludeKind(raw)
+    except ValueError:
+        known = ", ".join(kind.value for kind in PreludeKind)
+        raise InvalidEntry(f"its kind {raw!r} is none of {known}") from None
+
+
+def meta_json(entry: Entry) -> str:
+    """The `.meta.json` text of an entry: its stored fields, the kind as its value."""
+    meta = {k: v for k, v in asdict(entry).items() if k not in _LOCAL_FIELDS}
+    meta["kind"] = entry.kind.value
+    return json.dumps(meta)
 
 
 def _metadata_problem(entry: Entry) -> str | None:
@@ -176,8 +192,8 @@ def _metadata_problem(entry: Entry) -> str | None:
     if type(entry.state_bytes) is not int or entry.state_bytes <= 0 \
             or not isinstance(entry.state_sha256, str) or not _SHA256.fullmatch(entry.state_sha256):
         return "its state size or checksum is malformed"
-    if not isinstance(entry.label, str) or not isinstance(entry.kind, str):
-        return "its label or kind is malformed"
+    if not isinstance(entry.label, str):
+        return "its label is malformed"
     return None
 
 
@@ -378,15 +394,6 @@ class CacheStore:
                 return entry
         return None
 
-    def find_longest_prefix(self, tokens: list[int], minimum: int = 1) -> tuple[Entry, int] | None:
-        """The entry sharing the longest token prefix with `tokens` (at least `minimum`)."""
-        best: tuple[Entry, int] | None = None
-        for entry in self.entries():
-            shared = common_prefix_length(entry.tokens, tokens)
-            if shared >= minimum and (best is None or shared > best[1]):
-                best = (entry, shared)
-        return best
-
     def _read_meta(self, meta_path: Path) -> Entry | None:
         try:
             return parse_meta(meta_path)
@@ -468,7 +475,7 @@ class CacheStore:
         self._discard(entry.name, reason)
         return None
 
-    def store(self, label: str, kind: str, tokens: list[int], state: bytes | bytearray) -> Entry:
+    def store(self, label: str, kind: PreludeKind, tokens: list[int], state: bytes | bytearray) -> Entry:
         """Write a new entry atomically, drop older entries of the same label and kind,
         then keep the folder under its size limit. An existing entry is never rewritten
         (`discard_entry` first to replace one). Raises CacheWriteError, leaving nothing of
@@ -488,15 +495,14 @@ class CacheStore:
         self.enforce_limit(keep=name)
         return entry
 
-    def _write(self, name: str, label: str, kind: str, tokens: list[int],
+    def _write(self, name: str, label: str, kind: PreludeKind, tokens: list[int],
                state: bytes | bytearray) -> Entry:
         entry = Entry(label=label, kind=kind, tokens=list(tokens), settings=asdict(self.settings),
                       settings_key=self.settings_key, state_bytes=len(state),
                       state_sha256=hashlib.sha256(state).hexdigest(), model_path=self.model_path)
-        meta = {k: v for k, v in asdict(entry).items() if k not in _LOCAL_FIELDS}
         try:
             atomic_write(state_file(self.folder, name), [memoryview(state)], for_cache=True)
-            atomic_write_text(meta_file(self.folder, name), json.dumps(meta), for_cache=True)
+            atomic_write_text(meta_file(self.folder, name), meta_json(entry), for_cache=True)
         except CacheWriteError as error:
             # The entry lock is held: the state file, if written, is ours and has no metadata.
             state_file(self.folder, name).unlink(missing_ok=True)

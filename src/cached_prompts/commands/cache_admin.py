@@ -49,7 +49,7 @@ class CacheItem:
 
     @classmethod
     def of(cls, folder: Path, entry: Entry, current_key: str | None) -> CacheItem:
-        return cls(name=entry.name, label=entry.label, kind=entry.kind,
+        return cls(name=entry.name, label=entry.label, kind=entry.kind.value,
                    model_file=Path(entry.model_path).name if entry.model_path else "",
                    model_sha256=str(entry.settings.get("model_sha256", "")),
                    kv_type=str(entry.settings.get("kv_type", "")), tokens=entry.n_tokens,

@@ -121,7 +121,7 @@ class LocalBackend(Backend):
         # The entry may have been evicted or dropped by another process meanwhile.
         if known is not None and known[0] == tokens and meta_file(self.cache.folder, known[1]).is_file():
             return
-        entry = next((e for e in self.cache.entries() if e.label == label and e.kind == kind.value
+        entry = next((e for e in self.cache.entries() if e.label == label and e.kind is kind
                       and e.tokens == tokens), None)
         if entry is None:
             if self.states.loaded != tokens:
@@ -140,14 +140,14 @@ class LocalBackend(Backend):
     def kept_preludes(self, kind: PreludeKind) -> list[StoredPrelude]:
         if self.cache is None:
             return []
-        entries = sorted((e for e in self.cache.entries() if e.kind == kind.value), key=lambda e: e.label)
+        entries = sorted((e for e in self.cache.entries() if e.kind is kind), key=lambda e: e.label)
         return [StoredPrelude(e.label, e.n_tokens, e.state_bytes) for e in entries]
 
     def drop_prelude(self, label: str, kind: PreludeKind) -> int:
         self._kept.pop((label, kind), None)
         if self.cache is None:
             return 0
-        dropped = [e for e in self.cache.entries(all_settings=True) if e.kind == kind.value and e.label == label]
+        dropped = [e for e in self.cache.entries(all_settings=True) if e.kind is kind and e.label == label]
         for entry in dropped:
             self.cache.remove(entry)
         return len(dropped)

@@ -70,12 +70,6 @@ class PreludeStates:
         self._loaded = None
         self.context.clear()
 
-    def loaded_state(self) -> bytearray:
-        """The bytes of sequence 0's state, as a cache entry stores them."""
-        if self._loaded is None:
-            raise EngineError("no prelude is loaded; report this bug")
-        return self.context.seq_state(PRELUDE_SEQ)
-
     # ----- the four sources -------------------------------------------------------------------
 
     def _restore_exact(self, tokens: list[int]) -> PreludeLoad | None:
@@ -190,7 +184,7 @@ class PreludeStates:
         entry, not the run."""
         activity.note(f"storing the state of the prelude '{label}'")
         try:
-            return self.cache.store(label, kind.value, tokens, self.context.seq_state(PRELUDE_SEQ))
+            return self.cache.store(label, kind, tokens, self.context.seq_state(PRELUDE_SEQ))
         except CacheError as error:
             log.warning("the state of %s was not stored: %s; going on without it", label, error)
             return None

@@ -80,10 +80,6 @@ class HttpConnection:
             raise ServerDownError(f"{self.url} dropped the connection ({_describe_transport(error)}); "
                                   "did the server stop?") from None
 
-    def get_text(self, path: str, *, limit: int = SMALL_ANSWER_BYTES) -> str:
-        data = self._send("GET", path, limit=limit)
-        return (data or b"").decode("utf-8", errors="replace")
-
     def _json(self, path: str, data: bytes | None) -> Any:
         if data is None:
             return None

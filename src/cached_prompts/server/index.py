@@ -81,10 +81,6 @@ class ServerIndex:
                     del data["slot_files"][file_name]
         self._update(change)
 
-    def slot_file_bytes(self, file_name: str) -> int:
-        entry = self._read()["slot_files"].get(file_name)
-        return int(entry.get("bytes", 0)) if isinstance(entry, dict) else 0
-
     # ----- named preludes ----------------------------------------------------------------------
 
     def keep(self, label: str, kind: PreludeKind, model_id: str, tokens: Sequence[int], file_name: str) -> None:
