@@ -1,8 +1,11 @@
-"""Command-line interface: parse, call the library, render. Nothing else lives here."""
+"""Command-line interface: parse, call the library, render. Nothing else lives here. The
+commands are one table (`COMMANDS`, of cli/command.py's `Command`s, with those of method.py
+and watch.py) from which both the parser and the dispatch are built."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import select
@@ -15,10 +18,9 @@ from pydantic import BaseModel
 
 from cached_prompts.cli import method as method_cli
 from cached_prompts.cli import watch as watch_cli
+from cached_prompts.cli.command import Command, Invocation, Needs, table
 from cached_prompts.commands import cache_admin, token_stats
 from cached_prompts.commands import outputs as commands
-from cached_prompts.backend.interface import Backend
-from cached_prompts.commands.choose_backend import open_backend
 from cached_prompts.errors import CachedPromptsError, OptionsError
 from cached_prompts.options import OPTION_MODELS, EngineOptions, SamplingOptions, ServerOptions, server_options, split_by_model
 from cached_prompts.workspace.layout import Workspace
@@ -29,18 +31,6 @@ DESCRIPTION = """\
 A workbench for prompts run through llama.cpp. Each prelude's model state is computed once,
 kept in llm_cache/, and every later request starts from it. Work happens in a workspace
 folder (--root, default: the current folder) with prelude_drafts/, preludes/, test_prompts/."""
-
-COMMANDS = {
-    "precache-preludes": "compute and store the state of every prelude in preludes/",
-    "outputs-for-drafts": "write N sampled answers per draft to prelude_drafts_outputs/",
-    "outputs-test-prompts": "write answers per test prompt to test_prompts_outputs/",
-    "show-stats-on-tokens-number": "show how many tokens every file and combination takes",
-    "stdio-json-repl": "serve JSON requests on stdin, one response line per request on stdout",
-    "report": "write report.html: every prompt with its outputs side by side, in one page",
-    **method_cli.COMMANDS,
-    **watch_cli.COMMANDS,
-}
-
 
 # ----- parser ---------------------------------------------------------------------------------
 
@@ -124,47 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, help_text in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text, parents=[common])
-        if name in ("outputs-for-drafts", "outputs-test-prompts"):
-            command.add_argument("-n", type=int, default=5, metavar="N",
-                                 help="sampled answers per input (default: 5)")
-            command.add_argument("-f", "--force-outputs", action="store_true",
-                                 help="regenerate outputs even if they are up to date")
-            command.add_argument("--report", action="store_true", default=argparse.SUPPRESS,
-                                 help="refresh report.html at the end (also: report = true in cached-prompts.toml)")
-        if name == "outputs-test-prompts":
-            command.add_argument("-d", "--deterministic", action="store_true",
-                                 help="one greedy (temperature 0) answer per prompt instead")
-            command.add_argument("--check", action="store_true",
-                                 help="then check the outputs against their expectations, as `check` does "
-                                      "(exit status 1 if any prompt is under its threshold)")
-        if name == "show-stats-on-tokens-number":
-            command.add_argument("--json", action="store_true", help="print the numbers as JSON")
-        if name == "stdio-json-repl":
-            command.add_argument("--batch-waiting", action="store_true",
-                                 help="decode single_prompt lines already waiting on stdin together (same "
-                                      "prelude and sampling); their outputs then depend on what was batched")
-        method_cli.add_arguments(name, command)
-        watch_cli.add_arguments(name, command)
-        if name == "report":
-            command.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
-                                 help="where to write the page (default: report.html at the workspace root)")
-            command.add_argument("--open", action="store_true", help="open the page in the web browser")
-    _add_cache_command(sub, common)
+    for command in COMMANDS.values():
+        command_parser = sub.add_parser(command.name, help=command.help.replace("%", "%%"),
+                                        description=command.help, parents=[common])
+        command.add_arguments(command_parser, common)
     return parser
-
-
-def _add_cache_command(sub: Any, common: argparse.ArgumentParser) -> None:
-    help_text = "manage the prelude cache in llm_cache/ (list, size, prune, clear)"
-    cache = sub.add_parser("cache", help=help_text, description=help_text, parents=[common])
-    actions = cache.add_subparsers(dest="cache_action", metavar="ACTION", required=True)
-    for name, action_help in cache_admin.ACTIONS.items():
-        action = actions.add_parser(name, help=action_help, description=action_help, parents=[common])
-        action.add_argument("--json", action="store_true", help="print the result as JSON")
-        if name == "prune":
-            action.add_argument("--max-size", metavar="SIZE", default=None,
-                                help="size to prune to, e.g. 500M or 2G (default: --cache-max-size)")
 
 
 def full_help(parser: argparse.ArgumentParser, prefix: str = "") -> str:
@@ -255,81 +209,172 @@ def _stdout_reader_left() -> bool:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command == "init":
-        return method_cli.run_init(args, getattr(args, "model_path", None))
+    command = COMMANDS[args.command]
+    if command.needs is Needs.ARGUMENTS:
+        return command.run(Invocation(args))
+    invocation = _in_workspace(args)
+    if command.needs is Needs.WORKSPACE:
+        return command.run(invocation)
+    with invocation.open_backend() as backend:
+        return command.run(dataclasses.replace(invocation, backend=backend))
+
+
+def _in_workspace(args: argparse.Namespace) -> Invocation:
+    """The workspace of --root (which must exist) and the options resolved in it."""
     workspace = Workspace(Path(getattr(args, "root", Path.cwd())).resolve())
     workspace.check_exists()
     engine_options, sampling = resolve_options(args, workspace)
-    workspace = workspace.with_options(engine_options)
-    verbose = getattr(args, "verbose", False)
     servers = server_options(workspace.load_config(), {k: v for k, v in vars(args).items() if k in OPTION_NAMES},
                              "options (command-line flags, $CACHED_PROMPTS_SERVER or cached-prompts.toml)")
-    if args.command == "cache":
-        print(cache_admin.run(args.cache_action, workspace.cache_dir, engine_options,
-                              max_size=getattr(args, "max_size", None), as_json=args.json))
-        return 0
-    if args.command == "stdio-json-repl":
-        from cached_prompts.repl.serve import serve
-
-        return serve(engine_options, sampling, workspace, verbose=verbose, server_options=servers,
-                     batch_waiting=args.batch_waiting)
-    if args.command in watch_cli.COMMANDS:
-        return watch_cli.run(args, workspace, sampling, lambda: open_backend(engine_options, workspace, verbose=verbose,
-                                                                              server_options=servers))
-    if args.command in method_cli.COMMANDS:
-        return method_cli.run(args, workspace, lambda: open_backend(engine_options, workspace, verbose=verbose,
-                                                                    server_options=servers), sampling)
-    with open_backend(engine_options, workspace, verbose=verbose, server_options=servers) as backend:
-        return _dispatch(args, workspace, backend, sampling, refresh_report=engine_options.report)
+    return Invocation(args, workspace.with_options(engine_options), engine_options, sampling, servers)
 
 
-def _dispatch(args: argparse.Namespace, workspace: Workspace, backend: Backend, sampling: SamplingOptions, *,
-              refresh_report: bool = False) -> int:
-    if args.command == "report":
-        # No run's options to judge the recipes by: outputs are judged by time and model.
-        _write_report(args, workspace, backend, None, [])
-        return 0
-    if args.command == "show-stats-on-tokens-number":
-        stats = token_stats.token_stats(workspace, backend)
-        print(token_stats.render_json(stats) if args.json else token_stats.render_text(stats))
-        return 0
-    if args.command == "precache-preludes":
-        report = commands.precache_preludes(workspace, backend)
-        log.info("preludes: %d computed, %d already cached, %d skipped",
-                 len(report.written), len(report.up_to_date), len(report.skipped))
-    else:
-        if args.n < 1:
-            raise OptionsError(f"-n {args.n}: the number of answers must be at least 1")
-        if args.command == "outputs-for-drafts":
-            report = commands.outputs_for_drafts(workspace, backend, sampling, args.n, args.force_outputs)
-        else:
-            report = commands.outputs_test_prompts(workspace, backend, sampling, args.n,
-                                                   args.deterministic, args.force_outputs)
-        log.info("outputs: %d written; inputs: %d up to date, %d skipped",
-                 len(report.written), len(report.up_to_date), len(report.skipped))
-        if refresh_report:
-            _write_report(args, workspace, backend, sampling, report.skipped, run_id=report.run_id)
-        if getattr(args, "check", False) and method_cli.print_check(workspace, backend.model_id, sampling,
-                                                                         as_json=False):
-            return 1
+# ----- the commands of this module -----------------------------------------------------------
+
+
+def _add_outputs_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", type=int, default=5, metavar="N", help="sampled answers per input (default: 5)")
+    parser.add_argument("-f", "--force-outputs", action="store_true",
+                        help="regenerate outputs even if they are up to date")
+    parser.add_argument("--report", action="store_true", default=argparse.SUPPRESS,
+                        help="refresh report.html at the end (also: report = true in cached-prompts.toml)")
+
+
+def _add_test_prompts_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    _add_outputs_arguments(parser, common)
+    parser.add_argument("-d", "--deterministic", action="store_true",
+                        help="one greedy (temperature 0) answer per prompt instead")
+    parser.add_argument("--check", action="store_true",
+                        help="then check the outputs against their expectations, as `check` does "
+                             "(exit status 1 if any prompt is under its threshold)")
+
+
+def _add_json_argument(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
+
+def _add_repl_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-waiting", action="store_true",
+                        help="decode single_prompt lines already waiting on stdin together (same "
+                             "prelude and sampling); their outputs then depend on what was batched")
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
+                        help="where to write the page (default: report.html at the workspace root)")
+    parser.add_argument("--open", action="store_true", help="open the page in the web browser")
+
+
+def _add_cache_actions(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="cache_action", metavar="ACTION", required=True)
+    for name, action_help in cache_admin.ACTIONS.items():
+        action = actions.add_parser(name, help=action_help, description=action_help, parents=[common])
+        action.add_argument("--json", action="store_true", help="print the result as JSON")
+        if name == "prune":
+            action.add_argument("--max-size", metavar="SIZE", default=None,
+                                help="size to prune to, e.g. 500M or 2G (default: --cache-max-size)")
+
+
+def _run_precache(invocation: Invocation) -> int:
+    report = commands.precache_preludes(invocation.workspace, invocation.backend)
+    log.info("preludes: %d computed, %d already cached, %d skipped",
+             len(report.written), len(report.up_to_date), len(report.skipped))
     return 1 if report.skipped else 0
 
 
-def _write_report(args: argparse.Namespace, workspace: Workspace, backend: Backend, sampling: SamplingOptions | None,
-                  skipped: list[tuple[Path, str]], run_id: str | None = None) -> None:
+def _run_outputs_for_drafts(invocation: Invocation) -> int:
+    args = invocation.args
+    _check_n(args.n)
+    report = commands.outputs_for_drafts(invocation.workspace, invocation.backend, invocation.sampling, args.n,
+                                         args.force_outputs)
+    return _after_outputs(invocation, report)
+
+
+def _run_outputs_test_prompts(invocation: Invocation) -> int:
+    args = invocation.args
+    _check_n(args.n)
+    report = commands.outputs_test_prompts(invocation.workspace, invocation.backend, invocation.sampling, args.n,
+                                           args.deterministic, args.force_outputs)
+    return _after_outputs(invocation, report)
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise OptionsError(f"-n {n}: the number of answers must be at least 1")
+
+
+def _after_outputs(invocation: Invocation, report: commands.RunReport) -> int:
+    """Log what an outputs command did, refresh the report and check if asked; its exit status."""
+    log.info("outputs: %d written; inputs: %d up to date, %d skipped",
+             len(report.written), len(report.up_to_date), len(report.skipped))
+    if invocation.engine_options.report:
+        path = _refresh_report(invocation, invocation.sampling, report.skipped, run_id=report.run_id)
+        log.info("report: %s", path)
+    if getattr(invocation.args, "check", False) and method_cli.print_check(
+            invocation.workspace, invocation.backend.model_id, invocation.sampling, as_json=False):
+        return 1
+    return 1 if report.skipped else 0
+
+
+def _run_token_stats(invocation: Invocation) -> int:
+    stats = token_stats.token_stats(invocation.workspace, invocation.backend)
+    print(token_stats.render_json(stats) if invocation.args.json else token_stats.render_text(stats))
+    return 0
+
+
+def _run_repl(invocation: Invocation) -> int:
+    from cached_prompts.repl.serve import serve
+
+    return serve(invocation.engine_options, invocation.sampling, invocation.workspace, verbose=invocation.verbose,
+                 server_options=invocation.servers, batch_waiting=invocation.args.batch_waiting)
+
+
+def _run_report(invocation: Invocation) -> int:
+    # No run's options to judge the recipes by: outputs are judged by time and model.
+    path = _refresh_report(invocation, None, [])
+    print(path)
+    if invocation.args.open:
+        import webbrowser
+
+        webbrowser.open(path.as_uri())
+    return 0
+
+
+def _refresh_report(invocation: Invocation, sampling: SamplingOptions | None, skipped: list[tuple[Path, str]],
+                    run_id: str | None = None) -> Path:
     from cached_prompts.report import page as report_page
 
-    output = getattr(args, "output", None)
-    path = report_page.refresh_report(workspace, backend, output.resolve() if output else None,
+    output = getattr(invocation.args, "output", None)
+    return report_page.refresh_report(invocation.workspace, invocation.backend, output.resolve() if output else None,
                                       sampling=sampling, run_id=run_id, skipped=skipped)
-    if args.command == "report":
-        print(path)
-        if args.open:
-            import webbrowser
 
-            webbrowser.open(path.as_uri())
-    else:
-        log.info("report: %s", path)
+
+def _run_cache(invocation: Invocation) -> int:
+    args = invocation.args
+    print(cache_admin.run(args.cache_action, invocation.workspace.cache_dir, invocation.engine_options,
+                          max_size=getattr(args, "max_size", None), as_json=args.json))
+    return 0
+
+
+# Every command, in the order of the help; the parser and the dispatch are built from it.
+COMMANDS: dict[str, Command] = table(
+    Command("precache-preludes", "compute and store the state of every prelude in preludes/", _run_precache,
+            needs=Needs.BACKEND),
+    Command("outputs-for-drafts", "write N sampled answers per draft to prelude_drafts_outputs/",
+            _run_outputs_for_drafts, needs=Needs.BACKEND, add_arguments=_add_outputs_arguments),
+    Command("outputs-test-prompts", "write answers per test prompt to test_prompts_outputs/",
+            _run_outputs_test_prompts, needs=Needs.BACKEND, add_arguments=_add_test_prompts_arguments),
+    Command("show-stats-on-tokens-number", "show how many tokens every file and combination takes",
+            _run_token_stats, needs=Needs.BACKEND, add_arguments=_add_json_argument),
+    Command("stdio-json-repl", "serve JSON requests on stdin, one response line per request on stdout",
+            _run_repl, add_arguments=_add_repl_arguments),
+    Command("report", "write report.html: every prompt with its outputs side by side, in one page", _run_report,
+            needs=Needs.BACKEND, add_arguments=_add_report_arguments),
+    *method_cli.COMMANDS,
+    *watch_cli.COMMANDS,
+    Command("cache", "manage the prelude cache in llm_cache/ (list, size, prune, clear)", _run_cache,
+            add_arguments=_add_cache_actions),
+)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The command line of the seed's method: `promote`, `score-preludes`, `init` (their flags,
-their call into the library, their output). cli.py hands these commands over here.
+"""The command line of the seed's method: `promote`, `score-preludes`, `init`, `check`, `pick`
+(their flags, their call into the library, their output): the entries in `COMMANDS` join the
+command table of main.py.
 """
 
 from __future__ import annotations
@@ -7,10 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
-from cached_prompts.backend.interface import Backend
+from cached_prompts.cli.command import Command, Invocation, Needs
 from cached_prompts.commands import check as check_module
 from cached_prompts.commands import pick as pick_module
 from cached_prompts.method.chat_format import FORMATS, AnswerMarkers, detect
@@ -23,43 +23,38 @@ from cached_prompts.workspace.layout import Workspace
 
 log = logging.getLogger(__name__)
 
-COMMANDS = {
-    "promote": "make preludes/NAME.txt from a draft, its output K and the opening of the next user turn",
-    "score-preludes": "how natural each example answer of each prelude is to the model (mean log-probability)",
-    "init": "create a workspace: its folders, cached-prompts.toml and an example in the model's chat format",
-    "check": "check the outputs against their expectations (NAME.expect.toml): pass rates with 95% intervals",
-    "pick": "rank a draft's outputs as its example answer by the pass rate of the test prompts' expectations",
-}
+
+def _add_promote_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("draft_name", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt)")
+    parser.add_argument("k", metavar="K", type=int, help="which output: prelude_drafts_outputs/DRAFT.output-K.txt")
+    parser.add_argument("--as", dest="as_name", metavar="NAME", default=None,
+                        help="write preludes/NAME.txt (default: the draft's name)")
+    parser.add_argument("-f", "--force", action="store_true", help="overwrite an existing prelude")
+    parser.add_argument("--next-turn", metavar="TEXT", default=None,
+                        help="the opening of the next user turn (default: from the draft's chat format, "
+                             "e.g. '<|im_end|>\\n<|im_start|>user\\n' for ChatML)")
 
 
-def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    if name == "promote":
-        parser.add_argument("draft_name", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt)")
-        parser.add_argument("k", metavar="K", type=int, help="which output: prelude_drafts_outputs/DRAFT.output-K.txt")
-        parser.add_argument("--as", dest="as_name", metavar="NAME", default=None,
-                            help="write preludes/NAME.txt (default: the draft's name)")
-        parser.add_argument("-f", "--force", action="store_true", help="overwrite an existing prelude")
-        parser.add_argument("--next-turn", metavar="TEXT", default=None,
-                            help="the opening of the next user turn (default: from the draft's chat format, "
-                                 "e.g. '<|im_end|>\\n<|im_start|>user\\n' for ChatML)")
-    elif name == "score-preludes":
-        parser.add_argument("--json", action="store_true", help="print the scores as JSON")
-        parser.add_argument("--answer-marker", metavar="START", default=None,
-                            help="example answers start after this text (default: the assistant turns of "
-                                 "the prelude's chat format)")
-        parser.add_argument("--answer-end", metavar="END", action="append", default=None,
-                            help="an example answer ends before this text (repeatable; default with "
-                                 "--answer-marker: the chat format's end of turn, else a newline)")
-    elif name == "pick":
-        _add_pick_arguments(parser)
-    elif name == "check":
-        parser.add_argument("--json", action="store_true", help="print every rate and output as JSON")
-    elif name == "init":
-        parser.add_argument("dir", metavar="DIR", nargs="?", type=Path, default=None,
-                            help="the workspace folder to create (default: --root, else the current folder)")
+def _add_score_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+    parser.add_argument("--answer-marker", metavar="START", default=None,
+                        help="example answers start after this text (default: the assistant turns of "
+                             "the prelude's chat format)")
+    parser.add_argument("--answer-end", metavar="END", action="append", default=None,
+                        help="an example answer ends before this text (repeatable; default with "
+                             "--answer-marker: the chat format's end of turn, else a newline)")
 
 
-def _add_pick_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_init_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", metavar="DIR", nargs="?", type=Path, default=None,
+                        help="the workspace folder to create (default: --root, else the current folder)")
+
+
+def _add_check_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print every rate and output as JSON")
+
+
+def _add_pick_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     parser.add_argument("draft_name", metavar="DRAFT", help="the draft's name (prelude_drafts/DRAFT.txt); its outputs "
                                                        "are the candidates")
     parser.add_argument("--for", dest="for_prelude", metavar="PRELUDE", default=None,
@@ -77,9 +72,10 @@ def _add_pick_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the ranking as JSON")
 
 
-def run_init(args: argparse.Namespace, model_path: str | None) -> int:
+def _run_init(invocation: Invocation) -> int:
+    args = invocation.args
     root = (args.dir or Path(getattr(args, "root", Path.cwd()))).resolve()
-    report = init_workspace(root, model_path, verbose=getattr(args, "verbose", False))
+    report = init_workspace(root, getattr(args, "model_path", None), verbose=invocation.verbose)
     for path in report.created:
         print(path)
     log.info("workspace %s: %d created, %d already there (kept as they were); the example is in the %s "
@@ -88,26 +84,29 @@ def run_init(args: argparse.Namespace, model_path: str | None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend],
-        sampling: SamplingOptions | None = None) -> int:
-    if args.command == "pick":
-        return _run_pick(args, workspace, backend_factory, sampling or SamplingOptions())
-    if args.command == "check":
-        with backend_factory() as backend:  # which model made the outputs is part of their freshness
-            return print_check(workspace, backend.model_id, sampling, as_json=args.json)
-    if args.command == "promote":
-        promoted = promote(workspace, args.draft_name, args.k, name=args.as_name, force=args.force,
-                           next_turn=args.next_turn)
-        print(promoted.path.relative_to(workspace.root).as_posix())
-        log.info("%s = draft + output %d + %r (%s)", promoted.path.name, args.k, promoted.next_turn,
-                 promoted.chat_format.value + " format" if promoted.chat_format else "--next-turn")
-        return 0
-    markers = _answer_markers(args)
-    with backend_factory() as backend:
-        scores, skipped = score_preludes(workspace, backend, markers)
+def _run_check(invocation: Invocation) -> int:
+    with invocation.open_backend() as backend:  # which model made the outputs is part of their freshness
+        return print_check(invocation.workspace, backend.model_id, invocation.sampling,
+                           as_json=invocation.args.json)
+
+
+def _run_promote(invocation: Invocation) -> int:
+    args, workspace = invocation.args, invocation.workspace
+    promoted = promote(workspace, args.draft_name, args.k, name=args.as_name, force=args.force,
+                       next_turn=args.next_turn)
+    print(promoted.path.relative_to(workspace.root).as_posix())
+    log.info("%s = draft + output %d + %r (%s)", promoted.path.name, args.k, promoted.next_turn,
+             promoted.chat_format.value + " format" if promoted.chat_format else "--next-turn")
+    return 0
+
+
+def _run_score_preludes(invocation: Invocation) -> int:
+    markers = _answer_markers(invocation.args)
+    with invocation.open_backend() as backend:
+        scores, skipped = score_preludes(invocation.workspace, backend, markers)
         if scores:
-            write_scores_file(workspace, backend, scores)
-    print(render_json(scores) if args.json else render_text(scores))
+            write_scores_file(invocation.workspace, backend, scores)
+    print(render_json(scores) if invocation.args.json else render_text(scores))
     return 1 if skipped else 0
 
 
@@ -128,11 +127,11 @@ def print_check(workspace: Workspace, model_id: str | None, sampling: SamplingOp
     return 0 if report.ok else 1
 
 
-def _run_pick(args: argparse.Namespace, workspace: Workspace, backend_factory: Callable[[], Backend],
-              sampling: SamplingOptions) -> int:
+def _run_pick(invocation: Invocation) -> int:
+    args, workspace, sampling = invocation.args, invocation.workspace, invocation.sampling or SamplingOptions()
     if (args.as_name is not None or args.force) and not args.promote:
         raise OptionsError("--as and -f go with --promote")
-    with backend_factory() as backend:
+    with invocation.open_backend() as backend:
         result = pick_module.pick(workspace, backend, args.draft_name, sampling, prelude_name=args.for_prelude, n=args.n,
                                   deterministic=args.deterministic, promote_as=args.as_name,
                                   promote_winner=args.promote, force=args.force, next_turn=args.next_turn)
@@ -160,3 +159,17 @@ def _answer_markers(args: argparse.Namespace) -> AnswerMarkers | None:
         chat = detect(args.answer_marker)
         ends = FORMATS[chat.kind].answer_ends if chat is not None else ("\n",)
     return AnswerMarkers(args.answer_marker, ends)
+
+
+COMMANDS = (
+    Command("promote", "make preludes/NAME.txt from a draft, its output K and the opening of the next user turn",
+            _run_promote, add_arguments=_add_promote_arguments),
+    Command("score-preludes", "how natural each example answer of each prelude is to the model (mean "
+            "log-probability)", _run_score_preludes, add_arguments=_add_score_arguments),
+    Command("init", "create a workspace: its folders, cached-prompts.toml and an example in the model's chat format",
+            _run_init, needs=Needs.ARGUMENTS, add_arguments=_add_init_arguments),
+    Command("check", "check the outputs against their expectations (NAME.expect.toml): pass rates with 95% intervals",
+            _run_check, add_arguments=_add_check_arguments),
+    Command("pick", "rank a draft's outputs as its example answer by the pass rate of the test prompts' expectations",
+            _run_pick, add_arguments=_add_pick_arguments),
+)

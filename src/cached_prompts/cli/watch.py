@@ -1,5 +1,6 @@
 """The command line of `watch`: its flags, the live server around the watcher, the address on
-stderr. The work is the library's (commands/watch.py, report/live.py, report/live_server.py)."""
+stderr. The work is the library's (commands/watch.py, report/live.py, report/live_server.py).
+`COMMANDS` joins the command table of main.py."""
 
 from __future__ import annotations
 
@@ -7,23 +8,17 @@ import argparse
 import logging
 import sys
 import threading
-from collections.abc import Callable
 
-from cached_prompts.backend.interface import Backend
+from cached_prompts.cli.command import Command, Invocation
 from cached_prompts.commands.watch import WatchListener, WatchSettings, watch_workspace
 from cached_prompts.errors import OptionsError
-from cached_prompts.options import SamplingOptions
-from cached_prompts.workspace.layout import Workspace
 
 log = logging.getLogger(__name__)
 
-COMMANDS = {"watch": "make what is stale, then again whenever inputs change; serve a live report on 127.0.0.1"}
 LOOPBACK = "127.0.0.1"
 
 
-def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
-    if name != "watch":
-        return
+def _add_arguments(parser: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", type=int, default=5, metavar="N", help="sampled answers per input (default: 5)")
     parser.add_argument("-d", "--deterministic", action="store_true",
                         help="one greedy (temperature 0) answer per test prompt instead (drafts: N sampled)")
@@ -35,15 +30,15 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-serve", action="store_true", help="no live report: only make what becomes stale")
 
 
-def run(args: argparse.Namespace, workspace: Workspace, sampling: SamplingOptions,
-        open_backend: Callable[[], Backend]) -> int:
+def _run(invocation: Invocation) -> int:
     """Runs until Ctrl-C (KeyboardInterrupt goes to the caller, which exits with 130)."""
+    args, workspace, sampling = invocation.args, invocation.workspace, invocation.sampling
     if args.n < 1:
         raise OptionsError(f"-n {args.n}: the number of answers must be at least 1")
     if not 0 <= args.port < 65536:
         raise OptionsError(f"--port {args.port}: a port is 0 (any free one) to 65535")
     settings = WatchSettings(n=args.n, deterministic=args.deterministic)
-    with open_backend() as backend:
+    with invocation.open_backend() as backend:
         if args.no_serve:
             print(f"watching {workspace.root}  (Ctrl-C stops watch)", file=sys.stderr, flush=True)
             watch_workspace(workspace, backend, sampling, settings, WatchListener(), threading.Event())
@@ -68,3 +63,7 @@ def run(args: argparse.Namespace, workspace: Workspace, sampling: SamplingOption
         finally:
             server.stop()
     return 0
+
+
+COMMANDS = (Command("watch", "make what is stale, then again whenever inputs change; serve a live report on 127.0.0.1",
+                    _run, add_arguments=_add_arguments),)
