@@ -10,17 +10,22 @@ and the same sampling options, become one generation request: each still gets it
 response line, in order. Their sampled outputs then depend on what was decoded together
 (llama.cpp's sums depend on the batch), so a client opts in. Any other command ends a run of
 batched lines first, so its effects happen in request order.
+
+Each waiting request is a `PendingRequest` that carries its own outcome. When the joined
+generation fails, each request is decoded alone, so that each gets its own answer or error
+(the one that crashes the engine gets the crash); when the engine has given up, all get that.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import select
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from cached_prompts.errors import WorkerCrashError, WorkerGaveUpError
+from cached_prompts.backend.interface import Completion
+from cached_prompts.errors import WorkerGaveUpError
 from cached_prompts.repl import protocol
 from cached_prompts.repl.session import PromptPlan, Session
 
@@ -93,6 +98,25 @@ def run_batching_loop(session: Session, reader: LineReader, lines: Iterator[byte
     return session.exit_status
 
 
+@dataclass
+class PendingRequest:
+    """A planned single_prompt request waiting to be decoded with those it joins, then its
+    outcome: the completions of its own jobs, or the error its decoding met (one of the two)."""
+
+    plan: PromptPlan
+    request_id: Any  # protocol.NO_ID when the request had none
+    completions: list[list[Completion]] | None = None
+    error: Exception | None = None
+
+    def value(self, session: Session) -> list[str] | list[list[str]]:
+        """The response's value; raises the request's error, as answering it alone would."""
+        if self.error is not None:
+            raise self.error
+        if self.completions is None:
+            raise RuntimeError("a batched request was answered before it was decoded; this is a bug")
+        return session.answer(self.plan, self.completions)
+
+
 class _Batcher:
     """Responses in request order; planned single_prompt requests wait in `pending` until a
     line that is not one (or the end of the waiting lines) flushes them."""
@@ -100,7 +124,7 @@ class _Batcher:
     def __init__(self, session: Session, stdout: BinaryIO) -> None:
         self.session = session
         self.stdout = stdout
-        self.pending: list[dict[str, Any]] = []  # Ok responses whose value is a PromptPlan
+        self.pending: list[PendingRequest] = []
 
     def take(self, line: bytes | int) -> None:
         if isinstance(line, int):
@@ -108,68 +132,58 @@ class _Batcher:
         else:
             response = self.session.respond(line, self._act)
             if response["status"] == "Ok" and isinstance(response["value"], PromptPlan):
-                self.pending.append(response)
+                self.pending.append(PendingRequest(response["value"], response.get("id", protocol.NO_ID)))
                 return
         self.flush()
         self._write(response)
 
     def _act(self, command: str, arguments: Any) -> Any:
         if command == SINGLE_PROMPT:
-            return self.session.plan_single_prompt(arguments)
+            return self.session.plan_single_prompt(arguments)  # decoded at the flush
         self.flush()  # the requests before this one happen before it
         return self.session.handle_parsed(command, arguments)
 
     def flush(self) -> None:
-        groups: list[list[dict[str, Any]]] = []
-        for response in self.pending:
-            if groups and groups[-1][0]["value"].joins(response["value"]):
-                groups[-1].append(response)
+        groups: list[list[PendingRequest]] = []
+        for request in self.pending:
+            if groups and groups[-1][0].plan.joins(request.plan):
+                groups[-1].append(request)
             else:
-                groups.append([response])
+                groups.append([request])
         self.pending = []
         for group in groups:
             self._decode(group)
-            for response in group:
+            for response in [self._respond(request) for request in group]:  # all answered, then written
                 self._write(response)
 
-    def _decode(self, group: list[dict[str, Any]]) -> None:
-        """Fill in each response's value (or failure) from one generation request."""
-        plans: list[PromptPlan] = [response["value"] for response in group]
+    def _respond(self, request: PendingRequest) -> dict[str, Any]:
+        return self.session.respond_with(lambda: request.value(self.session), lambda: request.request_id)
+
+    def _decode(self, group: list[PendingRequest]) -> None:
+        """Each request's outcome, from one generation request for the whole group."""
+        jobs = [job for request in group for job in request.plan.jobs]
         try:
-            completions = self.session.backend.generate(plans[0].request([j for p in plans for j in p.jobs]))
-        except (WorkerCrashError, WorkerGaveUpError) as error:
-            if len(group) == 1 or isinstance(error, WorkerGaveUpError):  # not tried again: it may crash again
-                for response in group:
-                    self._settle(response, functools.partial(_raise, error))
-                return
-            for response in group:  # each alone: the one that crashes the engine gets the error
-                self._decode([response])
+            completions = self.session.backend.generate(group[0].plan.request(jobs))
+        except WorkerGaveUpError as error:  # the engine is gone for good: not tried again
+            for request in group:
+                request.error = error
             return
-        except Exception:  # noqa: BLE001 - each request then gets its own answer or error below
+        except Exception as error:  # noqa: BLE001 - carried to the request's own response
             if len(group) == 1:
-                self._settle(group[0], lambda: self.session.backend.generate(plans[0].request()))
+                group[0].error = error
                 return
-            for response in group:  # each alone, so that each gets its own error
-                self._decode([response])
+            # Each alone, so that each gets its own outcome: the one that crashes the engine
+            # (WorkerCrashError; a new worker is running) gets the crash, the others their answers.
+            for request in group:
+                self._decode([request])
             return
         if len(group) > 1:
             self.session.requests_batched += len(group)
         start = 0
-        for response, plan in zip(group, plans):
-            mine = completions[start:start + len(plan.jobs)]
-            start += len(plan.jobs)
-            self._settle(response, lambda mine=mine: mine)
-
-    def _settle(self, response: dict[str, Any], completions: Any) -> None:
-        plan: PromptPlan = response["value"]
-        request_id = response.get("id", protocol.NO_ID)
-        response.update(self.session.respond_with(lambda: self.session.answer(plan, completions()),
-                                                  lambda: request_id))
+        for request in group:
+            request.completions = completions[start:start + len(request.plan.jobs)]
+            start += len(request.plan.jobs)
 
     def _write(self, response: dict[str, Any]) -> None:
         self.stdout.write(protocol.encode_response(response))
         self.stdout.flush()
-
-
-def _raise(error: Exception) -> Any:
-    raise error
