@@ -17,10 +17,12 @@ from pathlib import Path
 
 import httpx
 
+from cached_prompts.local.engine import LLAMA_CPP_VERSION
 from cached_prompts.local.model_file import default_model_path
 from cached_prompts.server.launch import safe_server_flags
 
-VERSION = "0.3.36"
+# scripts/build-llama-server.sh builds it from the sdist of the engine's llama-cpp-python
+VERSION = LLAMA_CPP_VERSION
 BINARY_ENV = "CACHED_PROMPTS_LLAMA_SERVER"
 START_TIMEOUT = 120.0
 

@@ -16,7 +16,7 @@ import pytest
 from cached_prompts.local.architecture import MemoryKind, gguf_architecture
 from cached_prompts.backend.interface import PreludeSource, reusable_length
 from cached_prompts.cache.store import StateSettings
-from cached_prompts.local.engine import Model, compute_setup, resolve_gpu_layers
+from cached_prompts.local.engine import LLAMA_CPP_VERSION, Model, compute_setup, resolve_gpu_layers
 from cached_prompts.errors import ModelError, StateUnusableError
 from cached_prompts.local.backend import LocalBackend
 from cached_prompts.options import EngineOptions, SamplingOptions
@@ -265,7 +265,7 @@ def test_an_unknown_architecture_is_named_in_the_error(model_path: Path, tmp_pat
 # ----- GPU offload ------------------------------------------------------------------------------
 
 def test_the_device_and_batch_sizes_are_part_of_the_cache_key(make_runner, tmp_path: Path) -> None:
-    settings = dict(model_sha256="0" * 64, kv_type="f16", llama_cpp_version="0.3.36")
+    settings = dict(model_sha256="0" * 64, kv_type="f16", llama_cpp_version=LLAMA_CPP_VERSION)
     assert StateSettings(**settings, device="cpu").key() != StateSettings(**settings, device="gpu:all").key()
     gpu = resolve_gpu_layers(None) != 0
     assert compute_setup(EngineOptions())[0] == ("gpu:all" if gpu else "cpu")

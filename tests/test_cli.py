@@ -41,7 +41,9 @@ def test_main_py_run_by_the_system_python_uses_the_venv(tmp_path: Path) -> None:
     result = subprocess.run([str(system_python), str(REPO / "main.py"), "--version"], cwd=tmp_path,
                             env=clean_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("cached-prompts ") and "(llama-cpp-python 0.3." in result.stdout
+    import llama_cpp
+
+    assert result.stdout.strip() == f"cached-prompts {cached_prompts.__version__} (llama-cpp-python {llama_cpp.__version__})"
     assert result.stderr == ""
 
 

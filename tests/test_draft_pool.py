@@ -132,9 +132,8 @@ def test_records_and_progress_lines_count_drafts(cli, tmp_path: Path, caplog: py
     assert code == 0
     record = read_record(root / "test_prompts_outputs" / "repeat---list.output-deterministic.txt")
     assert record.drafted_tokens >= record.accepted_tokens > 0
-    progress = Progress(1)
+    progress = Progress(1, status_every=0.0)  # every status line is due
     progress.start_item("x", "y")
-    progress._last_status = 0.0  # due now
     logger = logging.getLogger("cached_prompts.commands.progress")
     logger.addHandler(caplog.handler)  # the CLI run above may have stopped propagation to the root
     try:

@@ -1,4 +1,4 @@
-"""Defects found by trying hostile inputs (issue 15), each with its regression test: grammars
+"""Hostile inputs, each defect they found with its regression test: grammars
 that would overflow llama.cpp's recursive parser, infinite option values, links out of the
 workspace, FIFOs, names with a newline, and the wording of some messages."""
 

@@ -29,6 +29,7 @@ class Progress:
     total: int
     done: int = 0
     started: float = field(default_factory=time.monotonic)
+    status_every: float = STATUS_EVERY_SECONDS  # seconds between two status lines of an item
     _item: str = ""
     _item_started: float = 0.0
     _tokens: int = 0
@@ -61,7 +62,7 @@ class Progress:
 
     def _due(self) -> bool:
         now = time.monotonic()
-        if now - self._last_status < STATUS_EVERY_SECONDS:
+        if now - self._last_status < self.status_every:
             return False
         self._last_status = now
         return True
