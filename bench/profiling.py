@@ -5,7 +5,8 @@ part: prefill (llama_decode of prompts and preludes), decode (llama_decode of ge
 steps), sampling (llama_sampler_sample), sampler set-up (chains built and fed the history),
 state restore, and the rest (the Python around them: token bookkeeping, detokenizing, stops).
 
-  .venv/bin/python bench/profiling.py [--quick]   # also prints a cProfile of the same run
+Run it through bench/profile_bench.py (bench.py imports this module, so the runnable part
+lives apart and the two never import each other).
 """
 
 from __future__ import annotations
@@ -54,31 +55,3 @@ def timed_breakdown(work: Callable[[], object]) -> dict[str, float]:
     spent["python_and_other"] = total - sum(spent.values())
     spent["total"] = total
     return spent
-
-
-def main() -> None:
-    import argparse
-    import cProfile
-    import os
-    import pstats
-
-    from bench import FULL, QUICK, Bench
-    from cached_prompts.local.model_file import default_model_path
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    bench = Bench(QUICK if args.quick else FULL, args.threads or os.cpu_count() or 1, default_model_path())
-    runner, _, _, work = bench.workload("f16")
-    work()  # warm-up
-    for part, seconds in timed_breakdown(work).items():
-        print(f"{part:>18}: {seconds * 1000:8.1f} ms")
-    profile = cProfile.Profile()
-    profile.runcall(work)
-    pstats.Stats(profile).sort_stats("tottime").print_stats(15)
-    runner.close()
-
-
-if __name__ == "__main__":
-    main()

@@ -68,9 +68,8 @@ def test_no_import_runs_up_a_layer_or_across_to_a_peer() -> None:
     assert not wrong, "imports against the layers:\n" + "\n".join(sorted(wrong))
 
 
-def test_no_import_circles() -> None:
-    imports = graph()
-    edges = {module: targets & set(imports) for module, targets in imports.items()}
+def circles_in(edges: dict[str, set[str]]) -> list[str]:
+    """Every circle of a module graph, as "a -> b -> a"."""
     state: dict[str, int] = {}
     circles = []
 
@@ -86,7 +85,43 @@ def test_no_import_circles() -> None:
     for module in sorted(edges):
         if module not in state:
             visit(module, [module])
+    return circles
+
+
+def test_no_import_circles() -> None:
+    imports = graph()
+    circles = circles_in({module: targets & set(imports) for module, targets in imports.items()})
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+BENCH = PACKAGE.parent.parent / "bench"
+
+
+def bench_graph() -> dict[str, set[str]]:
+    """The bench scripts import each other by bare name (bench/ is on their sys.path)."""
+    scripts = {path.stem: path for path in BENCH.glob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in scripts.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+        edges[name] = found & set(scripts)
+    return edges
+
+
+def test_no_import_circles_among_the_bench_scripts() -> None:
+    if not BENCH.is_dir():  # an installed package without its checkout
+        return
+    circles = circles_in(bench_graph())
+    assert not circles, "import circles in bench/:\n" + "\n".join(circles)
+
+
+def test_the_circle_check_finds_a_circle() -> None:
+    assert circles_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a -> b -> c -> a"]
+    assert circles_in({"a": {"b"}, "b": set()}) == []
 
 
 def llama_cpp_imports(path: Path) -> list[str]:
