@@ -16,7 +16,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from cached_prompts.local.engine import Context, SamplerChain
+from cached_prompts.local.engine import Context
+from cached_prompts.local.sampler import SamplerChain
 
 PARTS = {"prefill": (Context, "decode_sequence"), "decode": (Context, "decode_step"),
          "sampling": (SamplerChain, "sample"), "sampler_setup": (SamplerChain, "__init__"),

@@ -25,11 +25,12 @@ from cached_prompts.cache.draft_pool import DraftPool
 from cached_prompts.cache.store import CacheStore, meta_file
 from cached_prompts.local import activity
 from cached_prompts.local.drafting import DraftCost, Drafting
-from cached_prompts.local.engine import (LLAMA_CPP_VERSION, Context, Model, SamplerChain, check_context_limits,
+from cached_prompts.local.engine import (LLAMA_CPP_VERSION, Context, Model, check_context_limits,
                                          init_backend, resolve_gpu_layers, resolve_repack, state_settings)
 from cached_prompts.errors import ConstraintError, StateUnusableError
 from cached_prompts.local.generation import Branch, BranchText, generate_branches
 from cached_prompts.local.model_file import fingerprint_model, resolve_model_path
+from cached_prompts.local.sampler import SamplerChain
 from cached_prompts.options import EngineOptions
 from cached_prompts.local.prelude_state import PRELUDE_SEQ, PreludeStates
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from cached_prompts.backend.interface import Completion, StepCallback, StopReason
 from cached_prompts.local.drafting import DraftState, Drafting
-from cached_prompts.local.engine import Context, Model, SamplerChain
+from cached_prompts.local.engine import Context, Model
+from cached_prompts.local.sampler import SamplerChain
 from cached_prompts.options import SamplingOptions
 
 TailDecoder = Callable[[int, int], None]  # (branch index, sequence) -> decode that branch's prompt

@@ -8,7 +8,7 @@ from __future__ import annotations
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from cached_prompts.errors import ConstraintError
-from cached_prompts.local.engine import SamplerChain
+from cached_prompts.local.sampler import SamplerChain
 
 
 def schema_to_gbnf(schema_json: str) -> str:

@@ -3,7 +3,7 @@
 A draft or test prompt `NAME.txt` may have a sidecar next to it, `NAME.schema.json` (a JSON
 schema) or `NAME.gbnf` (a grammar; where it is and its bytes: workspace/sidecars.py); the REPL's `single_prompt` takes `json_schema` or
 `grammar`. A schema becomes GBNF with llama-cpp-python's converter; the grammar then goes to
-llama.cpp's grammar sampler (engine.SamplerChain), which lets only tokens the grammar allows
+llama.cpp's grammar sampler (local/sampler.py SamplerChain), which lets only tokens the grammar allows
 be sampled. Servers are sent the schema itself, or the grammar (docs/servers-structured.md). The backend checks a grammar before any decoding (`Backend.check_grammar`), so a
 bad one is a clear error, never a crash.
 
