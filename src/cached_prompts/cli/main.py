@@ -309,8 +309,7 @@ def _dispatch(args: argparse.Namespace, workspace: Workspace, backend: Backend, 
                  len(report.written), len(report.up_to_date), len(report.skipped))
         if refresh_report:
             _write_report(args, workspace, backend, sampling, report.skipped, run_id=report.run_id)
-        if getattr(args, "check", False) and method_cli.print_check(workspace, backend.model_id, sampling,
-                                                                         as_json=False):
+        if getattr(args, "check", False) and method_cli.print_check(workspace, backend, sampling, as_json=False):
             return 1
     return 1 if report.skipped else 0
 

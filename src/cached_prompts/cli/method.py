@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callabl
         return _run_pick(args, workspace, backend_factory, sampling or SamplingOptions())
     if args.command == "check":
         with backend_factory() as backend:  # which model made the outputs is part of their freshness
-            return print_check(workspace, backend.model_id, sampling, as_json=args.json)
+            return print_check(workspace, backend, sampling, as_json=args.json)
     if args.command == "promote":
         promoted = promote(workspace, args.draft_name, args.k, name=args.as_name, force=args.force,
                            next_turn=args.next_turn)
@@ -111,12 +111,13 @@ def run(args: argparse.Namespace, workspace: Workspace, backend_factory: Callabl
     return 1 if skipped else 0
 
 
-def print_check(workspace: Workspace, model_id: str | None, sampling: SamplingOptions | None, *,
+def print_check(workspace: Workspace, backend: Backend, sampling: SamplingOptions | None, *,
                 as_json: bool) -> int:
     """`check` (also `outputs-test-prompts --check`): print the report; 1 if any input is
-    under its threshold or was skipped. Outputs are judged as a run with `sampling` by the
-    model `model_id` would judge them."""
-    report = check_module.check_workspace(workspace, model_id=model_id, sampling=sampling)
+    under its threshold or was skipped. Outputs are judged as a run with `sampling` by
+    `backend` (its model and draft mode) would judge them."""
+    report = check_module.check_workspace(workspace, model_id=backend.model_id, sampling=sampling,
+                                          draft=backend.draft)
     print(json.dumps(check_module.to_json(report), ensure_ascii=False, indent=2) if as_json
           else check_module.render_text(report))
     if report.unchecked:

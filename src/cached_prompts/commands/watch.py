@@ -137,7 +137,7 @@ def stale_outputs(workspace: Workspace, backend: Backend, sampling: SamplingOpti
                            prompt_keys=output_keys(settings.n, settings.deterministic))
     for output_set in sets:
         try:
-            verdict = output_set.judge(sampling, backend.model_id)
+            verdict = output_set.judge(sampling, backend.model_id, backend.draft)
         except (InputFileError, OSError):
             continue
         if verdict.stale:

@@ -147,7 +147,7 @@ class LiveReport(WatchListener):
         self.workspace = workspace
         self.sampling = sampling  # the watcher's options: outputs made with others are stale
         self.counts = TokenCounts(backend)
-        self._n_ctx, self._model_id = backend.n_ctx, backend.model_id
+        self._n_ctx, self._model_id, self._draft = backend.n_ctx, backend.model_id, backend.draft
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clients: set[asyncio.Queue[tuple[str, str] | None]] = set()
@@ -166,7 +166,7 @@ class LiveReport(WatchListener):
         with self._lock:
             skipped = list(self._skipped)
         return build_report(self.workspace, count_tokens=self.counts, n_ctx=self._n_ctx, model_id=self._model_id,
-                            sampling=self.sampling, skipped=skipped, live=True)
+                            sampling=self.sampling, skipped=skipped, live=True, draft=self._draft)
 
     # ----- the watcher's news (WatchListener) -----------------------------------------------------
 
