@@ -1,5 +1,5 @@
 """Freshness of outputs (workspace/outputs.py): the recipe (sampling options, max tokens, stop
-strings, grammar) joins time and model, old records without a recipe stay fresh, and what is
+strings, grammar, draft mode) joins time and model, old records without a recipe stay fresh, and what is
 in place of an output that could never be written. On the real model, answers of 3 tokens."""
 
 from __future__ import annotations
@@ -71,6 +71,20 @@ def test_greedy_outputs_ignore_the_seed_and_temperature_but_not_max_tokens_or_st
     assert len(changed(before, after)) == 3 and '(stop [] → ["\\n"])' in err
 
 
+def test_another_draft_mode_makes_the_outputs_again_and_says_draft(cli, workspace: Path) -> None:
+    """docs/drafts.md: an output made with --draft off is not the one --draft auto makes."""
+    code, _, _ = cli(workspace, "outputs-test-prompts", *N2, "--draft", "off")
+    assert code == 0
+    river = workspace / TEST_PROMPTS_OUTPUTS / "dictionary---river.output-0.txt"
+    assert read_record(river).recipe["draft"] == "off"
+    before, after, err = made(cli, workspace, *N2, "--draft", "auto")
+    assert changed(before, after) == sorted(after) and len(after) == 6
+    assert "were made with other options (draft off → auto): they are made again" in err
+    assert read_record(river).recipe["draft"] == "auto"
+    before, after, err = made(cli, workspace, *N2)  # auto is the default
+    assert changed(before, after) == [] and "3 up to date" in err and "other options" not in err
+
+
 def test_outputs_of_records_without_a_recipe_stay_fresh(cli, workspace: Path) -> None:
     """Records written before recipes were kept: judged by time and model only."""
     code, _, _ = cli(workspace, "outputs-test-prompts", *N2)
@@ -125,6 +139,14 @@ def test_recipes_compare_only_what_both_name() -> None:
     greedy = Recipe.of(SamplingOptions(), greedy=True, grammar=None)
     assert [c.describe() for c in sampled.changes_since(greedy)] == ["temperature 0.0 → 0.8"]
     assert Recipe.from_json(sampled.to_json()) == sampled
+    # the draft mode: compared only when both name one (a server's recipe and older records do not)
+    drafted = Recipe.of(SamplingOptions(), greedy=False, grammar=None, draft="auto")
+    plain = Recipe.of(SamplingOptions(), greedy=False, grammar=None, draft="off")
+    assert [c.describe() for c in drafted.changes_since(plain)] == ["draft off → auto"]
+    assert drafted.changes_since(sampled) == [] and sampled.changes_since(plain) == []
+    before_drafts = {k: v for k, v in plain.to_json().items() if k != "draft"}
+    assert Recipe.from_json(before_drafts) == sampled and Recipe.from_json(drafted.to_json()) == drafted
+    assert Recipe.from_json({**drafted.to_json(), "draft": 1}) is None
 
 
 # ----- what is in place of an output -----------------------------------------------------------

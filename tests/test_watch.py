@@ -2,7 +2,9 @@
 live page in real headless Chromium: cards go stale when a prelude is edited, text streams into
 a card before its output file is written, the finished outputs replace it, all without a reload;
 a broken input shows its error and the watcher goes on; foreign Hosts and other origins are
-refused; Ctrl-C ends it with status 130 and no temp files."""
+refused; Ctrl-C ends it with status 130 and no temp files; each round checks the outputs
+against their expectations, and an edit of an expectations file alone checks again and makes
+nothing."""
 
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import pytest
 
 from cached_prompts.commands.outputs import outputs_test_prompts
 from cached_prompts.commands.run_events import RunObserver
-from cached_prompts.commands.watch import watched_kind
+from cached_prompts.commands.watch import WatchedKind, watched_kind
 from cached_prompts.errors import InputsChangedError
 from cached_prompts.workspace.layout import Workspace
+from cached_prompts.workspace.records import record_path
 
 from .conftest import CHATML_SYSTEM, GREEDY, PRELUDE, prompt_for, write
 
@@ -248,6 +251,8 @@ def test_only_inputs_sidecars_and_outputs_count_not_editors_scratch_files(tmp_pa
     assert watched_kind(root, root / "preludes" / "a.txt") == "input"
     assert watched_kind(root, root / "test_prompts" / "a---b.schema.json") == "input"
     assert watched_kind(root, root / "test_prompts_outputs" / "a---b.output-0.txt") == "output"
+    assert watched_kind(root, root / "preludes" / "a.expect.toml") is WatchedKind.EXPECTATIONS
+    assert watched_kind(root, root / "test_prompts" / "a---b.expect.toml") is WatchedKind.EXPECTATIONS
     for scratch in (".a.txt.swp", "a.txt~", ".#a.txt", "4913", "#a.txt#", ".tmp-x.part", "a.txt.swx"):
         assert watched_kind(root, root / "preludes" / scratch) is None, scratch
     assert watched_kind(root, root / "llm_cache" / "x.txt") is None
@@ -343,3 +348,60 @@ def test_watch_abandons_outputs_of_an_input_that_changed_at_once(tmp_path: Path,
         outputs_test_prompts(Workspace(root), make_runner(None), GREEDY, 1, True, False, observer=observer)
     assert not output.exists()
     assert observer.heard == [([output], "dictionary---river.txt changed while its outputs were made")]
+
+
+PASSING = '[[expect]]\nname = "short"\ntokens = [1, 8]\n[[expect]]\nname = "no marker"\nnot_contains = "§"\n'
+FAILING = PASSING + '[[expect]]\nname = "marker"\ncontains = "§"\n'
+CHECK_ROW = r"{passed}\s+{rate}\s+\[\d+%, \d+%\]\s+100%\s+{verdict}\s+test_prompts/dictionary---river\.txt"
+
+
+def round_check(lines: Iterator[str]) -> dict:
+    """The check carried by the `refresh` event that ends the next round (those of changed
+    files carry none); no output is started before it. The channel's keep-alive lines let
+    the deadline be checked while nothing comes."""
+    deadline, event = time.monotonic() + WAIT_MS / 1000, ""
+    for line in lines:
+        assert time.monotonic() < deadline, "no round checked the outputs again"
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            data = json.loads(line[len("data: "):])
+            assert event != "started", f"an output was made: {data}"
+            if event == "refresh" and "check" in data:
+                return data["check"]
+    raise AssertionError("the live channel ended before a round checked the outputs")
+
+
+def test_each_round_checks_and_an_edited_expectation_checks_again_making_nothing(tmp_path: Path,
+                                                                                 start_watch) -> None:
+    root = small_workspace(tmp_path / "ws")
+    expectations = write(root / "preludes" / "dictionary.expect.toml", PASSING)
+    output = root / OUTPUTS / "dictionary---river.output-deterministic.txt"
+    watch = start_watch(root, "-d", "--max-tokens", "8")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not re.search(CHECK_ROW.format(passed="1/1", rate="100%", verdict="ok"), watch.stderr()):
+        assert time.monotonic() < deadline and watch.process.poll() is None, watch.stderr()
+        time.sleep(0.1)
+    made, text = output.stat().st_mtime_ns, output.read_bytes()
+    record = record_path(output).read_bytes()
+    page = httpx.get(watch.url, timeout=WAIT_MS / 1000).text
+    assert 'class="badge check pass"' in page and 'class="badge check fail"' not in page
+
+    with httpx.stream("GET", watch.url + "events", timeout=WAIT_MS / 1000) as events:
+        lines = events.iter_lines()
+        read_events(lines, "status")  # connected
+        expectations.write_text(FAILING, encoding="utf-8")
+        check = round_check(lines)
+    (river,) = check["prompts"]
+    assert (river["input"], river["passed"], river["total"], river["reaches_threshold"]) == \
+        ("test_prompts/dictionary---river.txt", 0, 1, False)
+    assert river["outputs"] == [{"output": f"{OUTPUTS}/{output.name}", "passed": False, "failed": ["marker"],
+                                 "status": "fresh"}]
+    assert check["ok"] is False
+    assert re.search(CHECK_ROW.format(passed="0/1", rate="0%", verdict="UNDER"), watch.stderr())
+    assert "marker (lacks '§')" in watch.stderr()
+    page = httpx.get(watch.url, timeout=WAIT_MS / 1000).text
+    assert 'class="badge check fail"' in page and 'class="badge check pass"' not in page
+    assert (output.stat().st_mtime_ns, output.read_bytes(), record_path(output).read_bytes()) == \
+        (made, text, record)  # checked again, never made again
+    assert watch.interrupt() == 130

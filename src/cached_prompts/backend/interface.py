@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cached_prompts.errors import ConstraintError, ContextOverflowError, InputFileError, UnsupportedByBackendError
-from cached_prompts.options import SamplingOptions
+from cached_prompts.options import Draft, SamplingOptions
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,13 @@ class Backend(ABC):
     def model_id(self) -> str:
         """What identifies the model for freshness: a local file's SHA-256, or a server's
         model id. Outputs made by another model are stale."""
+
+    @property
+    def draft(self) -> Draft | None:
+        """The draft mode outputs are decoded with, part of their recipe (workspace/recipe.py):
+        the local engine's "auto" or "off"; None where no option of ours decides it (a server
+        does its own speculation)."""
+        return None
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

@@ -311,7 +311,7 @@ def _after_outputs(invocation: Invocation, report: commands.RunReport) -> int:
         path = _refresh_report(invocation, invocation.sampling, report.skipped, run_id=report.run_id)
         log.info("report: %s", path)
     if getattr(invocation.args, "check", False) and method_cli.print_check(
-            invocation.workspace, invocation.backend.model_id, invocation.sampling, as_json=False):
+            invocation.workspace, invocation.backend, invocation.sampling, as_json=False):
         return 1
     return 1 if report.skipped else 0
 

@@ -86,7 +86,7 @@ def _run_init(invocation: Invocation) -> int:
 
 def _run_check(invocation: Invocation) -> int:
     with invocation.open_backend() as backend:  # which model made the outputs is part of their freshness
-        return print_check(invocation.workspace, backend.model_id, invocation.sampling,
+        return print_check(invocation.workspace, backend, invocation.sampling,
                            as_json=invocation.args.json)
 
 
@@ -110,12 +110,13 @@ def _run_score_preludes(invocation: Invocation) -> int:
     return 1 if skipped else 0
 
 
-def print_check(workspace: Workspace, model_id: str | None, sampling: SamplingOptions | None, *,
+def print_check(workspace: Workspace, backend: Backend, sampling: SamplingOptions | None, *,
                 as_json: bool) -> int:
     """`check` (also `outputs-test-prompts --check`): print the report; 1 if any input is
-    under its threshold or was skipped. Outputs are judged as a run with `sampling` by the
-    model `model_id` would judge them."""
-    report = check_module.check_workspace(workspace, model_id=model_id, sampling=sampling)
+    under its threshold or was skipped. Outputs are judged as a run with `sampling` by
+    `backend` (its model and draft mode) would judge them."""
+    report = check_module.check_workspace(workspace, model_id=backend.model_id, sampling=sampling,
+                                          draft=backend.draft)
     print(json.dumps(check_module.to_json(report), ensure_ascii=False, indent=2) if as_json
           else check_module.render_text(report))
     if report.unchecked:

@@ -24,7 +24,7 @@ from cached_prompts.errors import InputFileError
 from cached_prompts.fs.regular import read_regular
 from cached_prompts.method.checking import Answer, Failure, Rate, failures
 from cached_prompts.method.expectations import Expectations, for_draft, for_test_prompt
-from cached_prompts.options import SamplingOptions
+from cached_prompts.options import Draft, SamplingOptions
 from cached_prompts.workspace.layout import DETERMINISTIC, MAX_INPUT_BYTES, PRELUDES, Workspace
 from cached_prompts.workspace.outputs import InputKind, OutputSet, OutputState, Verdict, all_output_sets, key_order
 
@@ -92,11 +92,11 @@ class CheckReport:
         return not self.failing and not self.skipped
 
 
-def check_workspace(workspace: Workspace, *, model_id: str | None = None,
-                    sampling: SamplingOptions | None = None) -> CheckReport:
+def check_workspace(workspace: Workspace, *, model_id: str | None = None, sampling: SamplingOptions | None = None,
+                    draft: Draft | None = None) -> CheckReport:
     """Check every output against its input's expectations. Outputs are judged as a run with
-    `sampling` by the model `model_id` would judge them (workspace/outputs.py; either None:
-    not judged by it): the stale ones are not counted as passes."""
+    `sampling` and the draft mode `draft` by the model `model_id` would judge them
+    (workspace/outputs.py; any None: not judged by it): the stale ones are not counted as passes."""
     report = CheckReport()
     sets = all_output_sets(workspace)
     expected = {kind: _expected_keys([s for s in sets if s.kind is kind]) for kind in InputKind}
@@ -113,7 +113,7 @@ def check_workspace(workspace: Workspace, *, model_id: str | None = None,
             item.prelude = f"{PRELUDES}/{outputs.prelude.name}"
         keys = sorted(set(outputs.existing()) | set(expected[outputs.kind]), key=key_order)
         try:
-            verdicts = outputs.with_keys(keys).judge(sampling, model_id).verdicts
+            verdicts = outputs.with_keys(keys).judge(sampling, model_id, draft).verdicts
         except InputFileError as error:  # a bad schema sidecar, a folder where an output goes
             report.skipped.append((shown, str(error)))
             log.error("skipped %s: %s", shown, error)

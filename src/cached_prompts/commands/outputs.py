@@ -65,12 +65,13 @@ class StaleOutputs:
     def __init__(self, backend: Backend, sampling: SamplingOptions) -> None:
         self._model = ModelIdentity.of_backend(backend)
         self._sampling = sampling
+        self._draft = backend.draft
         self._said: set[str] = set()
 
     def stale(self, outputs: OutputSet) -> bool:
         """True if any output of the set is missing or stale; raises InputFileError where one
         cannot be written or the sidecar is unusable."""
-        verdict = outputs.judge(self._sampling, self._model.model_id)
+        verdict = outputs.judge(self._sampling, self._model.model_id, self._draft)
         verdict.check_writable()
         other_model = verdict.first(StaleReason.OTHER_MODEL)
         if other_model is not None and other_model.record is not None:
@@ -181,7 +182,8 @@ def outputs_for_drafts(workspace: Workspace, backend: Backend, sampling: Samplin
         try:
             seen = InputStamp.take(outputs.inputs())
             tokens = backend.prelude_tokens(workspace.read_input(draft), f"{DRAFTS}/{draft.name}")
-            item = _Input(outputs, tokens, outputs.recipes(sampling), load_constraint(draft, backend), seen)
+            item = _Input(outputs, tokens, outputs.recipes(sampling, backend.draft), load_constraint(draft, backend),
+                          seen)
         except SKIPPABLE as error:
             report.skip(draft, error)
             progress.finish_item()
@@ -221,8 +223,8 @@ def outputs_test_prompts(workspace: Workspace, backend: Backend, sampling: Sampl
                 seen = preludes.stamps[prelude_path] + InputStamp.take(outputs.own_inputs())
                 full = backend.joint_tokens(prelude_text, workspace.read_input(outputs.source))
                 backend.check_fits(prelude, full)
-                ready.append(_Input(outputs, full, outputs.recipes(sampling), load_constraint(outputs.source, backend),
-                                    seen))
+                ready.append(_Input(outputs, full, outputs.recipes(sampling, backend.draft),
+                                    load_constraint(outputs.source, backend), seen))
             except SKIPPABLE as error:
                 report.skip(outputs.source, error)
                 progress.finish_item()

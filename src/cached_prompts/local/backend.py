@@ -31,7 +31,7 @@ from cached_prompts.errors import ConstraintError, StateUnusableError
 from cached_prompts.local.generation import Branch, BranchText, generate_branches
 from cached_prompts.local.model_file import fingerprint_model, resolve_model_path
 from cached_prompts.local.sampler import SamplerChain
-from cached_prompts.options import EngineOptions
+from cached_prompts.options import Draft, EngineOptions
 from cached_prompts.local.prelude_state import PRELUDE_SEQ, PreludeStates
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,12 @@ class LocalBackend(Backend):
             return (f"off: a {self.model.architecture.memory.value} memory cannot drop the cells of "
                     "rejected drafts")
         return "auto"
+
+    @property
+    def draft(self) -> Draft:
+        """As it decodes: "off" with --draft off and where the memory cannot draft (the same
+        outputs), else "auto"."""
+        return "auto" if self.drafts == "auto" else "off"
 
     # ----- what it is -----------------------------------------------------------------------
 

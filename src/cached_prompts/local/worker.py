@@ -260,6 +260,7 @@ class WorkerBackend(Backend):
     n_ctx = _mirrored("n_ctx")
     model_name = _mirrored("model_name")
     model_id = _mirrored("model_id")
+    draft = _mirrored("draft")
     context_hint = _mirrored("context_hint")
     prepare_prelude = _remote("prepare_prelude")
     generate = _remote("generate")

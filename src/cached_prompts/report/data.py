@@ -17,7 +17,7 @@ from cached_prompts.errors import InputFileError
 from cached_prompts.method.checking import Rate
 from cached_prompts.fs.regular import NotRegularFileError, read_regular
 from cached_prompts.method.scoring import ShownAnswer, read_scores
-from cached_prompts.options import SamplingOptions
+from cached_prompts.options import Draft, SamplingOptions
 from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS, DRAFTS_OUTPUTS, PRELUDES, TEST_PROMPTS,
                                              TEST_PROMPTS_OUTPUTS, Workspace)
 from cached_prompts.workspace.outputs import InputKind, OutputSet, OutputState, Verdict, judge_output, key_order
@@ -157,12 +157,13 @@ def _by_name(path: Path) -> str:
 
 class _Collector:
     def __init__(self, workspace: Workspace, count_tokens: TokenCounter | None, n_ctx: int | None,
-                 model_id: str | None, sampling: SamplingOptions | None) -> None:
+                 model_id: str | None, sampling: SamplingOptions | None, draft: Draft | None) -> None:
         self.workspace = workspace
         self.count_tokens = count_tokens
         self.n_ctx = n_ctx
         self.model_id = model_id
         self.sampling = sampling
+        self.draft = draft
 
     def input_file(self, folder: str, path: Path, at_start: bool) -> FileText:
         try:
@@ -196,7 +197,7 @@ class _Collector:
         """The verdict per key. With an unusable sidecar the input is skipped, and its outputs
         are judged by its other inputs."""
         if sidecar_ok:
-            verdicts = outputs.judge(self.sampling, self.model_id).verdicts
+            verdicts = outputs.judge(self.sampling, self.model_id, self.draft).verdicts
         else:
             inputs = [outputs.source, *([outputs.prelude] if outputs.prelude else [])]
             verdicts = tuple(judge_output(key, path, inputs, None, self.model_id)
@@ -257,24 +258,24 @@ def _expected_keys(output_sets: list[OutputSet]) -> list[str]:
 
 def collect(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: int | None,
             model_id: str | None = None, sampling: SamplingOptions | None = None, run_id: str | None = None,
-            skipped: Iterable[tuple[Path, str]] = ()) -> ReportData:
-    """What the page shows. Outputs are judged as a run with `sampling` by the model
-    `model_id` would judge them (either None: not judged by it)."""
-    collector = _Collector(workspace, count_tokens, n_ctx, model_id, sampling)
+            skipped: Iterable[tuple[Path, str]] = (), draft: Draft | None = None) -> ReportData:
+    """What the page shows. Outputs are judged as a run with `sampling` and the draft mode
+    `draft` by the model `model_id` would judge them (any None: not judged by it)."""
+    collector = _Collector(workspace, count_tokens, n_ctx, model_id, sampling, draft)
     drafts = _collect_drafts(collector)
     preludes, orphans = _collect_prompts(collector)
     data = ReportData(workspace.root.name, utc_now(), run_id, n_ctx, drafts, preludes, orphans, [],
                       _stray_outputs(workspace, drafts, [*(p for pr in preludes for p in pr.prompts), *orphans]))
     _merge_skipped(data, workspace, skipped)
-    _attach_checks(data, workspace, model_id, sampling)
+    _attach_checks(data, workspace, model_id, sampling, draft)
     return data
 
 
 def _attach_checks(data: ReportData, workspace: Workspace, model_id: str | None,
-                   sampling: SamplingOptions | None) -> None:
+                   sampling: SamplingOptions | None, draft: Draft | None) -> None:
     """Pass/fail of each output and the rates, as `check` reports them; an expectations file
     `check` cannot use is said on its input (a run still makes its outputs)."""
-    report = check_workspace(workspace, model_id=model_id, sampling=sampling)
+    report = check_workspace(workspace, model_id=model_id, sampling=sampling, draft=draft)
     by_input = {item.input: item for item in (*report.prompts, *report.drafts)}
     problems = dict(report.skipped)
     for view in data.inputs():

@@ -3,7 +3,9 @@
 `LiveReport` is the watcher's listener (commands/watch.py). It is called from the watcher's
 threads and hands each piece of news to the server's event loop (`attach`), which sends it to
 every page on the live channel (live_server.py) as a server-sent event:
-  - `refresh`: files changed; the page fetches itself again and changes what differs;
+  - `refresh`: files changed; the page fetches itself again and changes what differs. The
+    one that ends a round carries the round's check (`{"check": check --json's object}`, null
+    where no input has expectations): the page it fetches has the same pass marks;
   - `started` / `text` / `ended`: outputs being made, their text as it comes (grouped every
     TEXT_EVERY_SECONDS, with tokens and tokens/s), and their end (written or not);
   - `status`: the status line (what is being made, tokens/s, ETA; or what the last round did).
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cached_prompts.commands.watch import RoundResult, WatchListener
+from cached_prompts.commands.check import CheckReport, to_json
+from cached_prompts.commands.watch import RoundKind, RoundResult, WatchListener
 from cached_prompts.report.page import TokenSource, build_report
 from cached_prompts.options import SamplingOptions
 from cached_prompts.workspace.layout import Workspace
@@ -135,6 +138,19 @@ class _Batch:
         return left + rest * per_output
 
 
+def _checks_said(report: CheckReport) -> str:
+    """The check in the status line: how many inputs reach their threshold, which do not."""
+    items, failing = [*report.prompts, *report.drafts], report.failing
+    text = (f"checks: {len(items) - len(failing)} of {len(items)} input{'s' if len(items) != 1 else ''} "
+            "reach their threshold")
+    if failing:
+        names = [Path(item.input).name for item in failing]
+        text += f" (under the threshold: {', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+    if report.skipped:
+        text += f", {len(report.skipped)} not checked"
+    return text
+
+
 def _seconds(value: float) -> str:
     value = max(0.0, value)
     return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
@@ -147,7 +163,7 @@ class LiveReport(WatchListener):
         self.workspace = workspace
         self.sampling = sampling  # the watcher's options: outputs made with others are stale
         self.counts = TokenCounts(backend)
-        self._n_ctx, self._model_id = backend.n_ctx, backend.model_id
+        self._n_ctx, self._model_id, self._draft = backend.n_ctx, backend.model_id, backend.draft
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clients: set[asyncio.Queue[tuple[str, str] | None]] = set()
@@ -166,7 +182,7 @@ class LiveReport(WatchListener):
         with self._lock:
             skipped = list(self._skipped)
         return build_report(self.workspace, count_tokens=self.counts, n_ctx=self._n_ctx, model_id=self._model_id,
-                            sampling=self.sampling, skipped=skipped, live=True)
+                            sampling=self.sampling, skipped=skipped, live=True, draft=self._draft)
 
     # ----- the watcher's news (WatchListener) -----------------------------------------------------
 
@@ -186,17 +202,21 @@ class LiveReport(WatchListener):
             self._batch = None
             self._round = None
         self.counts.fill()
+        checks = f" · {_checks_said(result.check)}" if result.check is not None else ""
         if result.problem:
-            self._set_status(f"the last round stopped: {result.problem}; watching for changes", problem=True)
+            self._set_status(f"the last round stopped: {result.problem}{checks} · watching for changes",
+                             problem=True)
+        elif result.kind is RoundKind.CHECK:
+            self._set_status(f"expectations changed: outputs checked again, none made{checks} · watching for changes")
         else:
             parts = [f"{len(result.written)} output{'s' if len(result.written) != 1 else ''} written "
                      f"in {_seconds(result.seconds)}"]
             if result.skipped:
                 parts.append(f"{len(result.skipped)} input{'s' if len(result.skipped) != 1 else ''} skipped "
                              "(see Skipped inputs)")
-            self._set_status(f"up to date · last round: {', '.join(parts)} · watching for changes",
+            self._set_status(f"up to date · last round: {', '.join(parts)}{checks} · watching for changes",
                              problem=bool(result.skipped))
-        self._publish("refresh", {})
+        self._publish("refresh", {"check": to_json(result.check) if result.check is not None else None})
 
     def idle(self) -> None:
         if self.counts.fill():  # a page asked for counts it did not have: show them

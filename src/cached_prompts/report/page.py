@@ -22,7 +22,7 @@ from typing import Protocol
 
 from cached_prompts.fs.files import atomic_write_text
 from cached_prompts.method.checking import Rate
-from cached_prompts.options import SamplingOptions
+from cached_prompts.options import Draft, SamplingOptions
 from cached_prompts.report.data import (FileText, InputKind, InputView, OutputState, OutputView, PreludeView, ReportData,
                           TokenCounter, collect)
 from cached_prompts.workspace.layout import Workspace
@@ -37,30 +37,35 @@ _SAMPLING_SHORT = (("temperature", "temp"), ("top_k", "top-k"), ("top_p", "top-p
 
 def build_report(workspace: Workspace, *, count_tokens: TokenCounter | None, n_ctx: int | None,
                  model_id: str | None = None, sampling: SamplingOptions | None = None, run_id: str | None = None,
-                 skipped: Iterable[tuple[Path, str]] = (), live: bool = False) -> str:
+                 skipped: Iterable[tuple[Path, str]] = (), live: bool = False, draft: Draft | None = None) -> str:
     """The report page of `workspace` as HTML text.
 
     count_tokens(text, at_start) counts tokens (at_start=True for a prelude or draft; it may
     answer None: not known); without it, counts come from the outputs' records where there are
     some. An output whose record names another model than `model_id`, or made with other
-    options than `sampling`, is stale (as the commands judge it: workspace/outputs.py).
+    options than `sampling` or another draft mode than `draft`, is stale (as the commands
+    judge it: workspace/outputs.py).
     `skipped` adds the inputs a run skipped, with its reasons; `run_id` names the run the page
     is made for. `live`: the page `watch` serves, which also runs live.js and may connect to
     its own server.
     """
     data = collect(workspace, count_tokens=count_tokens, n_ctx=n_ctx, model_id=model_id, sampling=sampling,
-                   run_id=run_id, skipped=skipped)
+                   run_id=run_id, skipped=skipped, draft=draft)
     return render(data, live=live)
 
 
 class TokenSource(Protocol):
-    """What the report needs from a backend: token counts, context length, model identity."""
+    """What the report needs from a backend: token counts, context length, model identity,
+    draft mode."""
 
     @property
     def n_ctx(self) -> int: ...
 
     @property
     def model_id(self) -> str: ...
+
+    @property
+    def draft(self) -> Draft | None: ...
 
     def count_tokens(self, text: str, *, at_start: bool) -> int: ...
 
@@ -72,7 +77,7 @@ def refresh_report(workspace: Workspace, backend: TokenSource, path: Path | None
     are judged as a run with `sampling` would judge them."""
     html = build_report(workspace, count_tokens=lambda text, at_start: backend.count_tokens(text, at_start=at_start),
                         n_ctx=backend.n_ctx, model_id=backend.model_id, sampling=sampling, run_id=run_id,
-                        skipped=skipped)
+                        skipped=skipped, draft=backend.draft)
     return write_report(workspace, path, html)
 
 

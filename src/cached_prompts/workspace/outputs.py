@@ -5,7 +5,8 @@ An `OutputSet` knows
 - its outputs: `NAME.output-K.txt` (K = 0, 1, ... or `deterministic`) in the input's output
   folder; the only place output file names are built;
 - what they depend on: the input, its schema or grammar sidecar, a test prompt's prelude,
-  the model, and the recipe (recipe.py: sampling options, max tokens, stop strings, grammar);
+  the model, and the recipe (recipe.py: sampling options, max tokens, stop strings, grammar,
+  draft mode);
 - how to judge them (`judge`), with a `Verdict` per output: fresh, missing, or stale with
   the reason — like make (older than an input; a link in its place counts too), made by
   another model (its record names another model id), or made with another recipe.
@@ -32,7 +33,7 @@ from pathlib import Path
 from cached_prompts.backend.interface import Backend, BackendKind
 from cached_prompts.errors import InputFileError
 from cached_prompts.fs.regular import kind_of
-from cached_prompts.options import SamplingOptions
+from cached_prompts.options import Draft, SamplingOptions
 from cached_prompts.workspace.layout import (DETERMINISTIC, DRAFTS_OUTPUTS, PRELUDE_SEPARATOR, TEST_PROMPTS_OUTPUTS,
                                              Workspace)
 from cached_prompts.workspace.recipe import Grammar, OptionChange, Recipe
@@ -206,19 +207,23 @@ class OutputSet:
         Raises ConstraintError if the sidecar is unusable."""
         return [*self.own_inputs(), *([self.prelude] if self.prelude else [])]
 
-    def recipes(self, sampling: SamplingOptions) -> dict[str, Recipe]:
-        """The recipe of each key's output when made with `sampling` (the deterministic one,
-        and every one when `sampling` is greedy, is decoded greedily)."""
+    def recipes(self, sampling: SamplingOptions, draft: Draft | None = None) -> dict[str, Recipe]:
+        """The recipe of each key's output when made with `sampling` and the draft mode `draft`
+        (Backend.draft; the deterministic one, and every one when `sampling` is greedy, is
+        decoded greedily)."""
         grammar = Grammar.of_sidecar(self.sidecar())
-        return {key: Recipe.of(sampling, greedy=key == DETERMINISTIC or sampling.greedy, grammar=grammar)
+        return {key: Recipe.of(sampling, greedy=key == DETERMINISTIC or sampling.greedy, grammar=grammar, draft=draft)
                 for key in self.keys}
 
-    def judge(self, sampling: SamplingOptions | None = None, model_id: str | None = None) -> SetVerdict:
-        """A verdict per output, made with `sampling` by the model `model_id` (ModelIdentity).
-        `sampling` None: the recipe is not judged; `model_id` None: the model is not. Raises InputFileError where an output could never be written (a folder
-        in its place) and ConstraintError if the sidecar is unusable."""
+    def judge(self, sampling: SamplingOptions | None = None, model_id: str | None = None,
+              draft: Draft | None = None) -> SetVerdict:
+        """A verdict per output, made with `sampling` and the draft mode `draft` by the model
+        `model_id` (ModelIdentity). `sampling` None: the recipe is not judged; `model_id` None:
+        the model is not; `draft` None: the draft mode is not. Raises InputFileError where an
+        output could never be written (a folder in its place) and ConstraintError if the
+        sidecar is unusable."""
         inputs = self.inputs()
-        recipes = self.recipes(sampling) if sampling is not None else {}
+        recipes = self.recipes(sampling, draft) if sampling is not None else {}
         return SetVerdict(tuple(judge_output(key, path, inputs, recipes.get(key), model_id)
                                 for key, path in self.outputs.items()))
 
