@@ -268,7 +268,7 @@ def test_score_preludes_without_a_chat_format_needs_markers(cli, workspace: Path
 def test_every_output_of_a_schema_sidecar_parses_and_validates(cli, workspace: Path) -> None:
     write(workspace / "test_prompts" / "dictionary---river.schema.json", json.dumps(SCHEMA))
     write(workspace / "prelude_drafts" / "dictionary.gbnf", 'root ::= ("yes" | "no") "."\n')
-    code, _, err = cli(workspace, "outputs-test-prompts", "-n", "3", "--max-tokens", "24")
+    code, _, err = cli(workspace, "outputs-test-prompts", "-n", "3", "--max-tokens", "48")
     assert code == 0, err
     river = sorted((workspace / OUTPUTS).glob("dictionary---river.output-*.txt"))
     assert len(river) == 3 and all(valid(p.read_text("utf-8")) for p in river)
@@ -279,7 +279,7 @@ def test_every_output_of_a_schema_sidecar_parses_and_validates(cli, workspace: P
     drafts = [p.read_text("utf-8") for p in sorted((workspace / "prelude_drafts_outputs").glob("*.txt"))]
     assert sorted(set(drafts)) <= ["no.", "yes."] and len(drafts) == 2
     # with -d as well: the greedy output follows the schema
-    code, _, err = cli(workspace, "outputs-test-prompts", "-d", "--max-tokens", "24")
+    code, _, err = cli(workspace, "outputs-test-prompts", "-d", "--max-tokens", "48")
     assert valid((workspace / OUTPUTS / "dictionary---river.output-deterministic.txt").read_text("utf-8"))
 
 
@@ -363,7 +363,7 @@ def answer(session: Session, line: str) -> Any:
 def test_repl_outputs_follow_a_json_schema_or_grammar(workspace_session: Session) -> None:
     outputs = answer(workspace_session, request(prelude_id="d", prelude=PRELUDE, prompt=prompt_for("river"),
                                       number_of_random_outputs=3, add_nonrandom_output_to_front=True,
-                                      json_schema=SCHEMA, inference_parameters={"max_tokens": 24}))
+                                      json_schema=SCHEMA, inference_parameters={"max_tokens": 48}))
     assert len(outputs) == 4 and all(valid(text) for text in outputs)
     outputs = answer(workspace_session, request(prelude_id="d", prelude=PRELUDE, prompts=[prompt_for("a"), prompt_for("b")],
                                       number_of_random_outputs=2, grammar='root ::= [0-9] [0-9]'))
