@@ -47,18 +47,19 @@ sys.path.insert(0, str(REPO / "bench"))
 from tests.server_fixtures import free_port, llama_server_binary  # noqa: E402
 from workload import prelude as prelude_text, prompt as prompt_text  # noqa: E402
 
-from cached_prompts.backend.interface import BackendKind, GenerationRequest, PreludeKind, PromptJob  # noqa: E402
+from cached_prompts.backend.interface import GenerationRequest, PreludeKind, PromptJob  # noqa: E402
 from cached_prompts.local.backend import LocalBackend  # noqa: E402
 from cached_prompts.local.model_file import default_model_path  # noqa: E402
 from cached_prompts.options import EngineOptions, SamplingOptions, derive_seed  # noqa: E402
-from cached_prompts.server.api import ServerClient, sampling_fields  # noqa: E402
+from cached_prompts.server.api import CompletionAsk, ServerApi  # noqa: E402
+from cached_prompts.server.http import HttpConnection  # noqa: E402
+from cached_prompts.server.probe import probe  # noqa: E402
 from cached_prompts.server.launch import safe_server_flags  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "drafts.json"
 MODEL_ENV = "CACHED_PROMPTS_BENCH_MODEL"
 SPEC_TYPES = ("none", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
 PRELUDE_ID = "bench-drafts"
-KIND = BackendKind.LLAMA_SERVER
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ class Server:
         self.log = (log_dir / f"server-{spec_type}.log").open("ab")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
-        self.client = ServerClient(f"http://127.0.0.1:{self.port}", timeout=900)
+        self.http = HttpConnection(f"http://127.0.0.1:{self.port}", timeout=900)
+        self.client: ServerApi | None = None
         self.tokens, self.sampling = tokens, sampling
         self._wait_ready()
 
@@ -134,15 +136,14 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"llama-server exited with {self.process.returncode}; see {self.log.name}")
             try:
-                self.client.probe("llama")
+                self.client = probe(self.http, "llama")
                 return
             except Exception:  # not listening yet
                 time.sleep(0.5)
         raise RuntimeError("llama-server did not start within 300 s")
 
     def _complete(self, text: str, n: int, sampling: SamplingOptions, seed: int | None) -> tuple[list[str], int]:
-        fields = sampling_fields(sampling, KIND, max_tokens=sampling.max_tokens, seed=seed)
-        answer = self.client.complete(KIND, "", self.tokens(text), n, fields)
+        answer = self.client.complete(CompletionAsk(self.tokens(text), n, sampling, sampling.max_tokens, seed))
         return answer.texts, sum(answer.tokens)
 
     def runs(self, sizes: Sizes, prelude: str) -> dict[str, Run]:
@@ -162,7 +163,7 @@ class Server:
                 "greedy": lambda prompts: each(prompts, greedy, None), "sampled": together}
 
     def close(self) -> None:
-        self.client.close()
+        self.http.close()
         if self.process.poll() is None:
             self.process.terminate()
             try:
