@@ -115,8 +115,7 @@ def print_check(workspace: Workspace, backend: Backend, sampling: SamplingOption
     """`check` (also `outputs-test-prompts --check`): print the report; 1 if any input is
     under its threshold or was skipped. Outputs are judged as a run with `sampling` by
     `backend` (its model and draft mode) would judge them."""
-    report = check_module.check_workspace(workspace, model_id=backend.model_id, sampling=sampling,
-                                          draft=backend.draft)
+    report = check_module.check_with_backend(workspace, backend, sampling)
     print(json.dumps(check_module.to_json(report), ensure_ascii=False, indent=2) if as_json
           else check_module.render_text(report))
     if report.unchecked:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cached_prompts.backend.interface import Backend
 from cached_prompts.errors import InputFileError
 from cached_prompts.fs.regular import read_regular
 from cached_prompts.method.checking import Answer, Failure, Rate, failures
@@ -90,6 +91,12 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.failing and not self.skipped
+
+
+def check_with_backend(workspace: Workspace, backend: Backend, sampling: SamplingOptions | None) -> CheckReport:
+    """check_workspace with outputs judged as a run with `sampling` on `backend` (its model and
+    draft mode) would judge them: the one rule `check`, `--check` and watch rounds share."""
+    return check_workspace(workspace, model_id=backend.model_id, sampling=sampling, draft=backend.draft)
 
 
 def check_workspace(workspace: Workspace, *, model_id: str | None = None, sampling: SamplingOptions | None = None,

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cached_prompts.backend.interface import Backend
-from cached_prompts.commands.check import CheckReport, check_workspace, render_text
+from cached_prompts.commands.check import CheckReport, check_with_backend, render_text
 from cached_prompts.commands.outputs import output_keys, outputs_for_drafts, outputs_test_prompts
 from cached_prompts.commands.run_events import RunObserver
 from cached_prompts.errors import CachedPromptsError, InputFileError, InputsChangedError
@@ -166,7 +166,7 @@ def check_outputs(workspace: Workspace, backend: Backend, sampling: SamplingOpti
     try:
         if not has_expectations(workspace):
             return None
-        report = check_workspace(workspace, model_id=backend.model_id, sampling=sampling, draft=backend.draft)
+        report = check_with_backend(workspace, backend, sampling)
     except (CachedPromptsError, OSError) as error:  # a folder removed meanwhile: checked again on the next change
         log.error("checking the outputs: %s", error)
         return None
